@@ -1,0 +1,154 @@
+"""What every store offers: the records it returns and the :class:`Store` protocol.
+
+A store is the source of truth. Every conversation or view write commits together with one
+outbox row (before and after image, version) so the relay can replay exactly what happened,
+in commit order. Stores are async to their callers and own whatever threads or connections
+they use; ``close()`` releases all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
+
+import msgspec
+
+from ..domain import Image
+
+__all__ = [
+    "Counts",
+    "OutboxEntry",
+    "Page",
+    "Recount",
+    "Snapshot",
+    "Store",
+    "Team",
+    "Teammate",
+    "View",
+    "Workspace",
+]
+
+
+class Workspace(msgspec.Struct, frozen=True):
+    id: int
+    name: str
+
+
+class Teammate(msgspec.Struct, frozen=True):
+    id: int
+    workspace_id: int
+    name: str
+    email: str
+
+
+class Team(msgspec.Struct, frozen=True):
+    id: int
+    workspace_id: int
+    name: str
+    member_ids: list[int]
+
+
+class View(msgspec.Struct, frozen=True):
+    """A saved view. ``filter`` is the validated JSON; ``owner_id`` None means shared."""
+
+    id: int
+    workspace_id: int
+    name: str
+    filter: dict[str, Any]
+    group_by: str | None
+    owner_id: int | None
+    position: int
+    version: int
+
+
+class OutboxEntry(msgspec.Struct, frozen=True):
+    """One committed change. ``position`` grows in commit order.
+
+    ``kind == "conversation"``: ``before``/``after`` are :class:`Image` (``before`` None on
+    create). ``kind == "view"``: ``after`` is the :class:`View`, None when it was deleted.
+    """
+
+    position: int
+    workspace_id: int
+    kind: Literal["conversation", "view"]
+    entity_id: int
+    version: int
+    before: Image | View | None
+    after: Image | View | None
+    committed_at: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """A workspace as of one outbox position, read in one consistent transaction."""
+
+    position: int
+    views: list[View]
+    conversations: list[Image]
+
+
+#: counter key → count. Key: (view id, group value or None, teammate id or None). Teammate
+#: None is the base count every teammate sees; a teammate id holds that teammate's adjustment
+#: for a ``$me`` view (count seen = base + adjustment).
+Counts = dict[tuple[int, str | None, int | None], int]
+
+
+class Recount(msgspec.Struct, frozen=True):
+    """Counts recomputed by SQL inside one snapshot taken at ``position``."""
+
+    position: int
+    counts: Counts
+
+
+class Page(msgspec.Struct, frozen=True):
+    conversations: list[Image]
+    next_cursor: str | None
+
+
+class Store(Protocol):
+    """The persistence contract. All ids are scoped by ``workspace_id``; a record of another
+    workspace is reported as :class:`~livecount.exceptions.NotFound`."""
+
+    url: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # tenants and people
+    async def create_workspace(self, name: str) -> Workspace: ...
+    async def get_workspace(self, workspace_id: int) -> Workspace: ...
+    async def list_workspaces(self) -> list[Workspace]: ...
+    async def create_teammate(self, workspace_id: int, name: str, email: str
+                              ) -> tuple[Teammate, str]: ...
+    async def list_teammates(self, workspace_id: int) -> list[Teammate]: ...
+    async def authenticate(self, token: str) -> Teammate | None: ...
+    async def create_team(self, workspace_id: int, name: str, member_ids: list[int]) -> Team: ...
+    async def list_teams(self, workspace_id: int) -> list[Team]: ...
+    async def get_setting(self, key: str) -> str | None: ...
+    async def set_setting_if_absent(self, key: str, value: str) -> str: ...
+
+    # conversations
+    async def create_conversation(self, workspace_id: int, body: Mapping[str, Any],
+                                  author_id: int | None) -> Image: ...
+    async def update_conversation(self, workspace_id: int, conversation_id: int,
+                                  patch: Mapping[str, Any], if_match: int | None) -> Image: ...
+    async def get_conversation(self, workspace_id: int, conversation_id: int) -> Image: ...
+    async def list_conversations(self, view: View, me: int, group: str | None, limit: int,
+                                 cursor: str | None, now: int) -> Page: ...
+
+    # views
+    async def list_views(self, workspace_id: int) -> list[View]: ...
+    async def get_view(self, workspace_id: int, view_id: int) -> View: ...
+    async def create_view(self, workspace_id: int, name: str, filter: Any,
+                          group_by: str | None, owner_id: int | None) -> View: ...
+    async def update_view(self, workspace_id: int, view_id: int, name: str, filter: Any,
+                          group_by: str | None, position: int | None) -> View: ...
+    async def delete_view(self, workspace_id: int, view_id: int) -> None: ...
+
+    # the log and consistent reads
+    async def read_outbox(self, after: int, limit: int) -> list[OutboxEntry]: ...
+    async def outbox_position(self) -> int: ...
+    def on_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) after each commit; returns an unsubscribe."""
+        ...
+    async def snapshot(self, workspace_id: int) -> Snapshot: ...
+    async def recount(self, workspace_id: int, views: list[View], now: int) -> Recount: ...
