@@ -135,7 +135,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def parse_timestamp(value: Any, path: str) -> int:
     """ISO 8601 text → microseconds. A value without an offset is taken as UTC."""
     if not isinstance(value, str):
-        raise ValidationError(f"expected an ISO 8601 timestamp string, got {type_name(value)}", path)
+        raise ValidationError(
+            f"expected an ISO 8601 timestamp string, got {type_name(value)}", path)
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:

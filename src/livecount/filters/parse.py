@@ -41,7 +41,8 @@ OPS_BY_KIND: Final[dict[FieldKind, tuple[str, ...]]] = {
     FieldKind.TEAMMATES: _SET + _NULL,
     FieldKind.CUSTOM: _SCALAR + _ORDER + _TEXT + _NULL,
 }
-OPERATORS: Final = (*COMPOSITES, *_SCALAR, *_ORDER, *_SET, *_TEXT, *_NULL, "older_than", "newer_than")
+OPERATORS: Final = (*COMPOSITES, *_SCALAR, *_ORDER, *_SET, *_TEXT, *_NULL,
+                    "older_than", "newer_than")
 _MAX_SPAN_SECONDS: Final = 100 * 366 * 86_400
 _ME_FIELDS: Final = ", ".join(n for n, f in FIELDS.items() if f.kind.accepts_me)
 

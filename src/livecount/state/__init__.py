@@ -1,0 +1,16 @@
+"""Counter state backends, chosen by URL (``memory://``; ``redis://`` follows)."""
+
+from __future__ import annotations
+
+from ..exceptions import ValidationError
+from .base import CounterState, StateSnapshot, Update
+from .memory import MemoryState
+
+__all__ = ["CounterState", "MemoryState", "StateSnapshot", "Update", "open_state"]
+
+
+def open_state(url: str = "memory://") -> CounterState:
+    if url.startswith("memory:"):
+        return MemoryState()
+    raise ValidationError(f"unsupported counter state URL {url!r}; expected memory://",
+                          "broker")

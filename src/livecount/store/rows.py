@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..domain import CustomValue, Image
+from ..domain import MAX_SAFE_INTEGER, CustomValue, Image
 from .schema import conversation_custom, conversation_people, conversation_tags, conversations
 
 __all__ = ["delete_image", "insert_image", "load_images", "update_image"]
@@ -95,7 +95,8 @@ def delete_image(conn: Connection, conversation_id: int) -> None:
 
 
 def _number(value: float) -> int | float:
-    return int(value) if value.is_integer() else value
+    # As canonical_custom leaves it: integral floats past 2**53 stay floats ("1e+20" groups).
+    return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
 
 
 def load_images(conn: Connection, where: sa.ColumnElement[bool] | None = None,

@@ -1,0 +1,50 @@
+"""The bus contract: a per-workspace stream of ``(seq, changed counts)`` messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
+
+import msgspec
+
+from ..store.base import Counts
+
+__all__ = ["Bus", "BusMessage", "Overflow", "Subscription"]
+
+
+class BusMessage(msgspec.Struct, frozen=True):
+    """``kind="delta"``: ``counts`` holds the new value of every counter that changed at
+    ``seq``. ``kind="views"``: the workspace's views changed (``counts`` holds the counters
+    that changed with them, e.g. a new view's first counts)."""
+
+    workspace_id: int
+    seq: int
+    kind: Literal["delta", "views"]
+    counts: Counts
+
+
+class Overflow(Exception):
+    """The subscriber fell further behind than its buffer: it must resync from a snapshot."""
+
+
+class Subscription(Protocol):
+    """Messages of one workspace, in seq order, through a bounded buffer."""
+
+    def __aiter__(self) -> AsyncIterator[BusMessage]: ...
+    async def __anext__(self) -> BusMessage: ...
+    def close(self) -> None: ...
+
+
+class Bus(Protocol):
+    async def publish(self, message: BusMessage) -> None: ...
+
+    def subscribe(self, workspace_id: int, maxsize: int = 1024) -> Subscription:
+        """A subscription that raises :class:`Overflow` from ``__anext__`` if more than
+        ``maxsize`` messages wait unread (the backlog is dropped: resync instead)."""
+        ...
+
+    async def since(self, workspace_id: int, seq: int) -> list[BusMessage] | None:
+        """Messages after ``seq`` if the bus still holds them all, else None."""
+        ...
+
+    async def close(self) -> None: ...

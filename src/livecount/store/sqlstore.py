@@ -1,0 +1,724 @@
+"""The :class:`~livecount.store.base.Store` over SQLAlchemy Core, shared by every SQL backend.
+
+Concurrency is bounded and owned: the store runs all database work on exactly two executors
+that it creates in :meth:`SQLStore.open` and joins in :meth:`SQLStore.close`. One thread runs
+every write transaction, so writes never contend with each other (on SQLite they would
+otherwise fight over the file lock) and outbox positions are handed out in commit order; a
+small pool runs reads and snapshots. No call ever starts a thread of its own.
+
+Every conversation or view write commits in one transaction with exactly one outbox row, and
+all validation happens before or inside that transaction, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Final, Literal, TypeVar
+
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .. import conversations as convs
+from ..domain import GROUPABLE, Image, check_text, custom_key_error, now_us, type_name
+from ..exceptions import (
+    Conflict,
+    LimitExceeded,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    ValidationError,
+)
+from ..filters.parse import parse_filter
+from . import rows
+from .base import OutboxEntry, Page, Recount, Snapshot, Team, Teammate, View, Workspace
+from .schema import (
+    conversations,
+    metadata,
+    outbox,
+    settings,
+    team_members,
+    teammates,
+    teams,
+    views,
+    workspaces,
+)
+from .seed import FOLDERS
+
+__all__ = [
+    "MAX_NAME",
+    "MAX_OUTBOX_BATCH",
+    "MAX_VIEWS",
+    "WRITE_OPTION",
+    "SQLStore",
+    "hash_token",
+]
+
+T = TypeVar("T")
+
+MAX_VIEWS: Final = 1000
+MAX_NAME: Final = 200
+MAX_TEAM_MEMBERS: Final = 10_000
+MAX_OUTBOX_BATCH: Final = 10_000
+_MAX_ID: Final = 2**63 - 1
+_MAX_POSITION: Final = 2**31 - 1
+_TOKEN_PREFIX: Final = "lc_"
+#: Execution option set on the writer's connections, so a backend can begin write
+#: transactions differently (SQLite takes the write lock up front with ``BEGIN IMMEDIATE``).
+WRITE_OPTION: Final = "livecount_write"
+
+_log = logging.getLogger("livecount.store")
+_IMAGE_DECODER: Final = msgspec.json.Decoder(Image)
+_VIEW_DECODER: Final = msgspec.json.Decoder(View)
+_PERSON_FIELDS: Final = ("assignee_id", "author_id", "mentions", "unread_by")
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a bearer token: tokens are random, so plain SHA-256 suffices."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _encode(value: Image | View | None) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+def _check_name(value: Any, path: str = "name") -> str:
+    text = check_text(value, path, allow_empty=False)
+    if len(text) > MAX_NAME:
+        raise ValidationError(f"longer than {MAX_NAME} characters", path)
+    return text
+
+
+def _valid_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_ID
+
+
+def _check_filter(raw: Any) -> str:
+    """Validate a view filter; return it as JSON text. Parser paths get a ``filter.`` prefix."""
+    try:
+        parse_filter(raw)
+    except ValidationError as exc:
+        message = exc.message[len(exc.path) + 2:] if exc.path else exc.message
+        path = "filter" if exc.path in ("", "filter") else f"filter.{exc.path}"
+        raise type(exc)(message, path) from None
+    return msgspec.json.encode(raw).decode()
+
+
+def _check_group_by(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"expected a field name or null, got {type_name(value)}",
+                              "group_by")
+    if value.startswith("custom."):
+        problem = custom_key_error(value[7:])
+        if problem:
+            raise ValidationError(problem, "group_by")
+        return value
+    if value not in GROUPABLE:
+        raise ValidationError(f"{value[:60]!r} cannot group a view; expected one of "
+                              f"{', '.join(sorted(GROUPABLE))} or custom.<key>", "group_by")
+    return value
+
+
+def _view(row: sa.RowMapping) -> View:
+    return View(id=row["id"], workspace_id=row["workspace_id"], name=row["name"],
+                filter=msgspec.json.decode(row["filter"]), group_by=row["group_by"],
+                owner_id=row["owner_id"], position=row["position"], version=row["version"])
+
+
+def _entry(row: sa.RowMapping) -> OutboxEntry:
+    kind: Literal["conversation", "view"]
+    decoder: msgspec.json.Decoder[Image] | msgspec.json.Decoder[View]
+    if row["kind"] == "conversation":
+        kind, decoder = "conversation", _IMAGE_DECODER
+    elif row["kind"] == "view":
+        kind, decoder = "view", _VIEW_DECODER
+    else:
+        raise StoreError(f"outbox row {row['id']} has unknown kind {row['kind']!r}")
+    before, after = row["before"], row["after"]
+    return OutboxEntry(
+        position=row["id"], workspace_id=row["workspace_id"], kind=kind,
+        entity_id=row["entity_id"], version=row["version"],
+        before=None if before is None else decoder.decode(before),
+        after=None if after is None else decoder.decode(after),
+        committed_at=row["committed_at"])
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    if key is None or key[0] is None:
+        raise StoreError("the database returned no id for a new row")
+    return int(key[0])
+
+
+class SQLStore:
+    """A store over a synchronous SQLAlchemy :class:`~sqlalchemy.engine.Engine`.
+
+    Subclasses say how to build the engine (:meth:`_create_engine`) and may override the
+    hooks a backend needs (:meth:`_next_conversation_id`, :attr:`read_isolation`).
+    """
+
+    #: Isolation for read transactions. None keeps the backend's default, which must already
+    #: give one consistent snapshot per transaction (SQLite does); PostgreSQL wants
+    #: ``"REPEATABLE READ"`` so a snapshot's position and rows agree.
+    read_isolation: ClassVar[str | None] = None
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: Engine | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._callbacks_lock = threading.Lock()
+        self._next_callback = 0
+        self._appended = 0  # outbox rows in the current write; touched by the writer only
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url!r}>"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _create_engine(self) -> Engine:
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        """Create the engine and both executors, then the schema (on the writer)."""
+        if self._engine is not None:
+            raise StoreError("the store is already open")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-write")
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="livecount-store-read")
+        try:
+            self._engine = self._create_engine()
+            await self._call(self._writer, metadata.create_all, self._engine)
+        except BaseException:
+            await self._shutdown()
+            raise
+
+    async def close(self) -> None:
+        """Wait for calls in flight, join both executors and release every connection.
+
+        Idempotent, so it is safe in ``finally`` blocks and fixtures.
+        """
+        if self._engine is None:
+            return
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        engine, self._engine = self._engine, None  # new calls fail from here on
+        try:
+            if self._pending:  # wait, not gather: cancelling close() must not cancel them
+                await asyncio.wait(set(self._pending))
+        finally:
+            # Every job has returned (or was cancelled while queued), so the joins are short;
+            # they happen even if close() itself is cancelled, so no thread outlives it.
+            for executor in (self._writer, self._readers):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._writer = self._readers = None
+            if engine is not None:
+                engine.dispose()
+            with self._callbacks_lock:
+                self._callbacks.clear()
+
+    # -- running work ----------------------------------------------------------------------
+
+    def _live(self) -> tuple[Engine, ThreadPoolExecutor, ThreadPoolExecutor]:
+        if self._engine is None or self._writer is None or self._readers is None:
+            raise StoreError("the store is not open")
+        return self._engine, self._writer, self._readers
+
+    async def _call(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        self._pending.add(future)
+        try:
+            return await future
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"database error ({type(exc).__name__})") from exc
+        finally:
+            self._pending.discard(future)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one write transaction on the writer thread."""
+        engine, writer, _ = self._live()
+        return await self._call(writer, self._run_write, engine, fn, args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in one read transaction (one snapshot) on a reader."""
+        engine, _, readers = self._live()
+        return await self._call(readers, self._run_read, engine, fn, args)
+
+    def _run_write(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        self._appended = 0
+        with engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})
+            with conn.begin():
+                result = fn(conn, *args)
+        if self._appended:
+            self._notify()
+        return result
+
+    def _run_read(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with engine.connect() as conn:
+            if self.read_isolation is not None:
+                conn.execution_options(isolation_level=self.read_isolation)
+            with conn.begin():
+                return fn(conn, *args)
+
+    def on_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on the writer thread after each commit that grew the outbox.
+
+        Keep it cheap and thread-safe (``loop.call_soon_threadsafe``); its exceptions are
+        logged and swallowed, as the write has committed already. Returns an unsubscribe.
+        """
+        with self._callbacks_lock:
+            key = self._next_callback
+            self._next_callback += 1
+            self._callbacks[key] = callback
+
+        def unsubscribe() -> None:
+            with self._callbacks_lock:
+                self._callbacks.pop(key, None)
+
+        return unsubscribe
+
+    def _notify(self) -> None:
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks.values())
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.exception("on_commit callback %r failed", callback)
+
+    # -- shared pieces of transactions -----------------------------------------------------
+
+    def _append_outbox(self, conn: Connection, workspace_id: int,
+                       kind: Literal["conversation", "view"], entity_id: int, version: int,
+                       before: Image | View | None, after: Image | View | None) -> None:
+        conn.execute(outbox.insert().values(
+            workspace_id=workspace_id, kind=kind, entity_id=entity_id, version=version,
+            before=_encode(before), after=_encode(after), committed_at=now_us()))
+        self._appended += 1
+
+    def _next_conversation_id(self, conn: Connection) -> int:
+        """The id of the next conversation: ``MAX(id) + 1``.
+
+        Correct only because writes are serialized (one writer thread, and on SQLite a write
+        lock taken at ``BEGIN``); a backend with concurrent writers overrides it (a sequence).
+        """
+        current = conn.scalar(sa.select(sa.func.max(conversations.c.id)))
+        return (current or 0) + 1
+
+    @staticmethod
+    def _position(conn: Connection) -> int:
+        return int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(outbox.c.id), 0))) or 0)
+
+    @staticmethod
+    def _workspace(conn: Connection, workspace_id: int) -> Workspace:
+        if _valid_id(workspace_id):
+            row = conn.execute(sa.select(workspaces.c.id, workspaces.c.name)
+                               .where(workspaces.c.id == workspace_id)).first()
+            if row is not None:
+                return Workspace(id=row.id, name=row.name)
+        raise NotFound(f"workspace {workspace_id} not found")
+
+    @staticmethod
+    def _missing(conn: Connection, table: sa.Table, workspace_id: int,
+                 ids: Iterable[int]) -> set[int]:
+        wanted = set(ids)
+        if not wanted:
+            return set()
+        found = set(conn.scalars(sa.select(table.c.id).where(
+            table.c.workspace_id == workspace_id, table.c.id.in_(sorted(wanted)))))
+        return wanted - found
+
+    def _check_references(self, conn: Connection, workspace_id: int,
+                          fields: Mapping[str, Any]) -> None:
+        """Every teammate and team ``fields`` names must belong to the workspace."""
+        people, team_ids = convs.referenced_ids(fields)
+        no_people = self._missing(conn, teammates, workspace_id, people)
+        no_teams = self._missing(conn, teams, workspace_id, team_ids)
+        for name in ("assignee_id", "author_id", "team_id", "mentions", "unread_by"):
+            value = fields.get(name)
+            named: set[int] = (set(value) if isinstance(value, frozenset)
+                               else set() if value is None else {value})
+            missing = sorted(named & (no_teams if name == "team_id" else no_people))
+            if missing:
+                what = "team" if name == "team_id" else "teammate"
+                raise ValidationError(f"no {what} {missing[0]} in this workspace", name)
+
+    def _load_conversation(self, conn: Connection, workspace_id: int,
+                           conversation_id: int) -> Image:
+        if _valid_id(conversation_id) and _valid_id(workspace_id):
+            found = rows.load_images(conn, (conversations.c.id == conversation_id)
+                                     & (conversations.c.workspace_id == workspace_id))
+            if found:
+                return found[0]
+        raise NotFound(f"conversation {conversation_id} not found")
+
+    @staticmethod
+    def _load_view(conn: Connection, workspace_id: int, view_id: int) -> View:
+        if _valid_id(view_id) and _valid_id(workspace_id):
+            row = conn.execute(sa.select(views).where(
+                views.c.id == view_id, views.c.workspace_id == workspace_id)).mappings().first()
+            if row is not None:
+                return _view(row)
+        raise NotFound(f"view {view_id} not found")
+
+    # -- tenants and people ----------------------------------------------------------------
+
+    async def create_workspace(self, name: str) -> Workspace:
+        """A workspace with its folders (DESIGN §2), seeded as shared views."""
+        return await self._write(self._create_workspace, _check_name(name))
+
+    def _create_workspace(self, conn: Connection, name: str) -> Workspace:
+        workspace_id = _inserted_id(conn.execute(
+            workspaces.insert().values(name=name, created_at=now_us())))
+        for position, folder in enumerate(FOLDERS):
+            self._insert_view(conn, workspace_id, folder.name,
+                              msgspec.json.encode(folder.filter).decode(), folder.group_by,
+                              None, position)
+        return Workspace(id=workspace_id, name=name)
+
+    async def get_workspace(self, workspace_id: int) -> Workspace:
+        return await self._read(self._workspace, workspace_id)
+
+    async def list_workspaces(self) -> list[Workspace]:
+        def run(conn: Connection) -> list[Workspace]:
+            query = sa.select(workspaces.c.id, workspaces.c.name).order_by(workspaces.c.id)
+            return [Workspace(id=r.id, name=r.name) for r in conn.execute(query)]
+        return await self._read(run)
+
+    async def create_teammate(self, workspace_id: int, name: str, email: str
+                              ) -> tuple[Teammate, str]:
+        """A teammate and its bearer token; only the token's hash is stored."""
+        name = _check_name(name)
+        email = _check_name(email, "email")
+        if "@" not in email:
+            raise ValidationError("expected an email address", "email")
+        token = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+        teammate = await self._write(self._create_teammate, workspace_id, name, email,
+                                     hash_token(token))
+        return teammate, token
+
+    def _create_teammate(self, conn: Connection, workspace_id: int, name: str, email: str,
+                         token_hash: str) -> Teammate:
+        self._workspace(conn, workspace_id)
+        taken = conn.scalar(sa.select(teammates.c.id).where(
+            teammates.c.workspace_id == workspace_id, teammates.c.email == email))
+        if taken is not None:
+            raise Conflict("a teammate with this email already exists in this workspace")
+        try:
+            with conn.begin_nested():
+                teammate_id = _inserted_id(conn.execute(teammates.insert().values(
+                    workspace_id=workspace_id, name=name, email=email, token_hash=token_hash)))
+        except sa.exc.IntegrityError:  # another process won the race
+            raise Conflict("a teammate with this email already exists in this workspace"
+                           ) from None
+        return Teammate(id=teammate_id, workspace_id=workspace_id, name=name, email=email)
+
+    async def list_teammates(self, workspace_id: int) -> list[Teammate]:
+        def run(conn: Connection) -> list[Teammate]:
+            self._workspace(conn, workspace_id)
+            query = (sa.select(teammates.c.id, teammates.c.name, teammates.c.email)
+                     .where(teammates.c.workspace_id == workspace_id).order_by(teammates.c.id))
+            return [Teammate(id=r.id, workspace_id=workspace_id, name=r.name, email=r.email)
+                    for r in conn.execute(query)]
+        return await self._read(run)
+
+    async def authenticate(self, token: str) -> Teammate | None:
+        """The teammate holding ``token``, or None. Looked up by hash: no comparison of
+        secrets happens in Python, so there is nothing to time."""
+        if not isinstance(token, str) or not token.startswith(_TOKEN_PREFIX) or len(token) > 200:
+            self._live()
+            return None
+        token_hash = hash_token(token)
+
+        def run(conn: Connection) -> Teammate | None:
+            row = conn.execute(sa.select(teammates.c.id, teammates.c.workspace_id,
+                                         teammates.c.name, teammates.c.email)
+                               .where(teammates.c.token_hash == token_hash)).first()
+            if row is None:
+                return None
+            return Teammate(id=row.id, workspace_id=row.workspace_id, name=row.name,
+                            email=row.email)
+        return await self._read(run)
+
+    async def create_team(self, workspace_id: int, name: str, member_ids: list[int]) -> Team:
+        name = _check_name(name)
+        if not isinstance(member_ids, list):
+            raise ValidationError(f"expected an array, got {type_name(member_ids)}",
+                                  "member_ids")
+        if len(member_ids) > MAX_TEAM_MEMBERS:
+            raise ValidationError(f"more than {MAX_TEAM_MEMBERS} members", "member_ids")
+        for i, member in enumerate(member_ids):
+            if not _valid_id(member):
+                raise ValidationError(
+                    f"expected a positive integer id, got {type_name(member)}", f"member_ids[{i}]")
+        return await self._write(self._create_team, workspace_id, name, sorted(set(member_ids)))
+
+    def _create_team(self, conn: Connection, workspace_id: int, name: str,
+                     member_ids: list[int]) -> Team:
+        self._workspace(conn, workspace_id)
+        missing = self._missing(conn, teammates, workspace_id, member_ids)
+        if missing:
+            raise ValidationError(f"no teammate {min(missing)} in this workspace", "member_ids")
+        team_id = _inserted_id(conn.execute(teams.insert().values(
+            workspace_id=workspace_id, name=name)))
+        if member_ids:
+            conn.execute(team_members.insert(),
+                         [{"team_id": team_id, "teammate_id": m} for m in member_ids])
+        return Team(id=team_id, workspace_id=workspace_id, name=name, member_ids=member_ids)
+
+    async def list_teams(self, workspace_id: int) -> list[Team]:
+        def run(conn: Connection) -> list[Team]:
+            self._workspace(conn, workspace_id)
+            members: dict[int, list[int]] = {}
+            for team_id, teammate_id in conn.execute(
+                    sa.select(team_members.c.team_id, team_members.c.teammate_id)
+                    .join(teams, teams.c.id == team_members.c.team_id)
+                    .where(teams.c.workspace_id == workspace_id)
+                    .order_by(team_members.c.team_id, team_members.c.teammate_id)):
+                members.setdefault(team_id, []).append(teammate_id)
+            query = (sa.select(teams.c.id, teams.c.name)
+                     .where(teams.c.workspace_id == workspace_id).order_by(teams.c.id))
+            return [Team(id=r.id, workspace_id=workspace_id, name=r.name,
+                         member_ids=members.get(r.id, [])) for r in conn.execute(query)]
+        return await self._read(run)
+
+    async def get_setting(self, key: str) -> str | None:
+        def run(conn: Connection) -> str | None:
+            return conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+        return await self._read(run)
+
+    async def set_setting_if_absent(self, key: str, value: str) -> str:
+        """Store ``value`` unless ``key`` has one already; return the value now stored."""
+        check_text(key, "key", allow_empty=False)
+        if len(key) > 64:
+            raise ValidationError("longer than 64 characters", "key")
+        check_text(value, "value")
+        return await self._write(self._set_setting_if_absent, key, value)
+
+    @staticmethod
+    def _set_setting_if_absent(conn: Connection, key: str, value: str) -> str:
+        query = sa.select(settings.c.value).where(settings.c.key == key)
+        stored: str | None = conn.scalar(query)
+        if stored is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(settings.insert().values(key=key, value=value))
+            except sa.exc.IntegrityError:  # another process stored one first: keep theirs
+                pass
+            stored = conn.scalar(query)
+        if stored is None:
+            raise StoreError(f"setting {key!r} vanished while being set")
+        return stored
+
+    # -- conversations ---------------------------------------------------------------------
+
+    async def create_conversation(self, workspace_id: int, body: Mapping[str, Any],
+                                  author_id: int | None) -> Image:
+        fields = convs.validate_body(dict(body) if isinstance(body, Mapping) else body,
+                                     patch=False)
+        if author_id is not None and not _valid_id(author_id):
+            raise ValidationError(f"expected a positive integer id, got {type_name(author_id)}",
+                                  "author_id")
+        return await self._write(self._create_conversation, workspace_id, fields, author_id)
+
+    def _create_conversation(self, conn: Connection, workspace_id: int,
+                             fields: dict[str, Any], author_id: int | None) -> Image:
+        self._workspace(conn, workspace_id)
+        image = convs.new_image(self._next_conversation_id(conn), workspace_id, fields,
+                                author_id, now_us())
+        self._check_references(conn, workspace_id,
+                               {name: getattr(image, name) for name in (*_PERSON_FIELDS,
+                                                                        "team_id")})
+        rows.insert_image(conn, image)
+        self._append_outbox(conn, workspace_id, "conversation", image.id, image.version,
+                            None, image)
+        return image
+
+    async def update_conversation(self, workspace_id: int, conversation_id: int,
+                                  patch: Mapping[str, Any], if_match: int | None) -> Image:
+        """Apply a merge patch. ``if_match`` pins the version the caller saw (else 412).
+
+        A patch that changes nothing writes nothing and returns the conversation as it is.
+        """
+        fields = convs.validate_body(dict(patch) if isinstance(patch, Mapping) else patch,
+                                     patch=True)
+        if if_match is not None and (not isinstance(if_match, int) or isinstance(if_match, bool)):
+            raise ValidationError(f"expected a version number, got {type_name(if_match)}",
+                                  "if_match")
+        return await self._write(self._update_conversation, workspace_id, conversation_id,
+                                 fields, if_match)
+
+    def _update_conversation(self, conn: Connection, workspace_id: int, conversation_id: int,
+                             fields: dict[str, Any], if_match: int | None) -> Image:
+        for attempt in range(2):
+            before = self._load_conversation(conn, workspace_id, conversation_id)
+            if attempt == 0:  # after the lookup, so a foreign id is a NotFound like any other
+                self._check_references(conn, workspace_id, fields)
+            if if_match is not None and before.version != if_match:
+                raise PreconditionFailed(f"conversation {conversation_id} is at version "
+                                         f"{before.version}, not {if_match}")
+            after = convs.apply_patch(before, fields, now_us())
+            unchanged = msgspec.structs.replace(after, version=before.version,
+                                                updated_at=before.updated_at)
+            if unchanged == before:
+                return before
+            if rows.update_image(conn, before, after):
+                self._append_outbox(conn, workspace_id, "conversation", after.id,
+                                    after.version, before, after)
+                return after
+        raise Conflict(f"conversation {conversation_id} changed concurrently; retry")
+
+    async def get_conversation(self, workspace_id: int, conversation_id: int) -> Image:
+        return await self._read(self._load_conversation, workspace_id, conversation_id)
+
+    async def list_conversations(self, view: View, me: int, group: str | None, limit: int,
+                                 cursor: str | None, now: int) -> Page:
+        """One page of ``view`` as ``me`` sees it, newest first (keyset pagination)."""
+        from . import queries  # written alongside; imported late to keep imports acyclic
+
+        query = queries.list_query(view, me, group, limit, cursor, now)
+
+        def run(conn: Connection) -> Page:
+            ids, next_cursor = queries.split_page(list(conn.scalars(query)), limit)
+            found = {image.id: image for image in
+                     rows.load_images(conn, conversations.c.id.in_(ids))} if ids else {}
+            # one transaction: every listed id is still there to load
+            return Page(conversations=[found[i] for i in ids], next_cursor=next_cursor)
+        return await self._read(run)
+
+    # -- views -----------------------------------------------------------------------------
+
+    async def list_views(self, workspace_id: int) -> list[View]:
+        return await self._read(self._list_views, workspace_id)
+
+    def _list_views(self, conn: Connection, workspace_id: int) -> list[View]:
+        self._workspace(conn, workspace_id)
+        query = (sa.select(views).where(views.c.workspace_id == workspace_id)
+                 .order_by(views.c.position, views.c.id))
+        return [_view(row) for row in conn.execute(query).mappings()]
+
+    async def get_view(self, workspace_id: int, view_id: int) -> View:
+        return await self._read(self._load_view, workspace_id, view_id)
+
+    async def create_view(self, workspace_id: int, name: str, filter: Any,
+                          group_by: str | None, owner_id: int | None) -> View:
+        """A view at the end of the list; ``owner_id`` None shares it with the workspace."""
+        name = _check_name(name)
+        filter_text = _check_filter(filter)
+        group_by = _check_group_by(group_by)
+        if owner_id is not None and not _valid_id(owner_id):
+            raise ValidationError(f"expected a teammate id or null, got {type_name(owner_id)}",
+                                  "owner_id")
+        return await self._write(self._create_view, workspace_id, name, filter_text, group_by,
+                                 owner_id)
+
+    def _create_view(self, conn: Connection, workspace_id: int, name: str, filter_text: str,
+                     group_by: str | None, owner_id: int | None) -> View:
+        self._workspace(conn, workspace_id)
+        if owner_id is not None and self._missing(conn, teammates, workspace_id, [owner_id]):
+            raise ValidationError(f"no teammate {owner_id} in this workspace", "owner_id")
+        count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(views.c.position))
+                                  .where(views.c.workspace_id == workspace_id)).one()
+        if count >= MAX_VIEWS:
+            raise LimitExceeded(f"at most {MAX_VIEWS} views per workspace")
+        position = 0 if top is None else top + 1
+        return self._insert_view(conn, workspace_id, name, filter_text, group_by, owner_id,
+                                 position)
+
+    def _insert_view(self, conn: Connection, workspace_id: int, name: str, filter_text: str,
+                     group_by: str | None, owner_id: int | None, position: int) -> View:
+        view_id = _inserted_id(conn.execute(views.insert().values(
+            workspace_id=workspace_id, name=name, filter=filter_text, group_by=group_by,
+            owner_id=owner_id, position=position, version=1)))
+        view = View(id=view_id, workspace_id=workspace_id, name=name,
+                    filter=msgspec.json.decode(filter_text), group_by=group_by,
+                    owner_id=owner_id, position=position, version=1)
+        self._append_outbox(conn, workspace_id, "view", view_id, 1, None, view)
+        return view
+
+    async def update_view(self, workspace_id: int, view_id: int, name: str, filter: Any,
+                          group_by: str | None, position: int | None) -> View:
+        """Replace a view's name, filter and grouping (and position when given)."""
+        name = _check_name(name)
+        filter_text = _check_filter(filter)
+        group_by = _check_group_by(group_by)
+        if position is not None and not (isinstance(position, int)
+                                         and not isinstance(position, bool)
+                                         and 0 <= position <= _MAX_POSITION):
+            raise ValidationError(f"expected a non-negative integer, got {type_name(position)}",
+                                  "position")
+        return await self._write(self._update_view, workspace_id, view_id, name, filter_text,
+                                 group_by, position)
+
+    def _update_view(self, conn: Connection, workspace_id: int, view_id: int, name: str,
+                     filter_text: str, group_by: str | None, position: int | None) -> View:
+        before = self._load_view(conn, workspace_id, view_id)
+        after = msgspec.structs.replace(
+            before, name=name, filter=msgspec.json.decode(filter_text), group_by=group_by,
+            position=before.position if position is None else position,
+            version=before.version + 1)
+        conn.execute(views.update().where(views.c.id == view_id).values(
+            name=name, filter=filter_text, group_by=group_by, position=after.position,
+            version=after.version))
+        self._append_outbox(conn, workspace_id, "view", view_id, after.version, before, after)
+        return after
+
+    async def delete_view(self, workspace_id: int, view_id: int) -> None:
+        await self._write(self._delete_view, workspace_id, view_id)
+
+    def _delete_view(self, conn: Connection, workspace_id: int, view_id: int) -> None:
+        before = self._load_view(conn, workspace_id, view_id)
+        conn.execute(views.delete().where(views.c.id == view_id))
+        self._append_outbox(conn, workspace_id, "view", view_id, before.version + 1, before,
+                            None)
+
+    # -- the log and consistent reads ------------------------------------------------------
+
+    async def read_outbox(self, after: int, limit: int) -> list[OutboxEntry]:
+        """Up to ``limit`` entries past position ``after``, in position (= commit) order."""
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= _MAX_ID:
+            raise ValidationError("expected a position (a non-negative integer)", "after")
+        if (not isinstance(limit, int) or isinstance(limit, bool)
+                or not 0 < limit <= MAX_OUTBOX_BATCH):
+            raise ValidationError(f"expected 1 to {MAX_OUTBOX_BATCH}", "limit")
+
+        def run(conn: Connection) -> list[OutboxEntry]:
+            query = sa.select(outbox).where(outbox.c.id > after).order_by(outbox.c.id).limit(limit)
+            return [_entry(row) for row in conn.execute(query).mappings()]
+        return await self._read(run)
+
+    async def outbox_position(self) -> int:
+        return await self._read(self._position)
+
+    async def snapshot(self, workspace_id: int) -> Snapshot:
+        """The workspace's views and conversations and the outbox position they reflect."""
+        def run(conn: Connection) -> Snapshot:
+            position = self._position(conn)
+            return Snapshot(position=position, views=self._list_views(conn, workspace_id),
+                            conversations=rows.load_images(
+                                conn, conversations.c.workspace_id == workspace_id))
+        return await self._read(run)
+
+    async def recount(self, workspace_id: int, views: list[View], now: int) -> Recount:
+        """Counts of ``views`` by SQL, with the outbox position read in the same snapshot."""
+        from . import queries  # written alongside; imported late to keep imports acyclic
+
+        def run(conn: Connection) -> Recount:
+            self._workspace(conn, workspace_id)
+            position = self._position(conn)
+            return Recount(position=position,
+                           counts=queries.recount(conn, workspace_id, views, now))
+        return await self._read(run)
+
