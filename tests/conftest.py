@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import re
 import socket
@@ -227,6 +228,10 @@ class _TestLeaks:
 _test_leaks = pytest.StashKey[_TestLeaks]()
 
 
+def _is_asyncio(anyio_backend: Any) -> bool:
+    return (anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]) == "asyncio"
+
+
 @pytest.fixture(autouse=True)
 def _leak_guard(request: pytest.FixtureRequest) -> None:
     """Fail the test if it leaves threads, tasks, sockets or database files behind.
@@ -251,8 +256,13 @@ def _leak_guard(request: pytest.FixtureRequest) -> None:
             pytest.fail(_format_leaks(header, lines), pytrace=False)
 
     request.node.addfinalizer(check)
-    if "anyio_backend" in request.fixturenames:
+    # Hypothesis tests are checked per example instead (see pytest_pyfunc_call below).
+    if "anyio_backend" in request.fixturenames and not _is_hypothesis_test(request.node):
         request.getfixturevalue("_asyncio_task_guard")
+
+
+def _is_hypothesis_test(item: Any) -> bool:
+    return hasattr(getattr(item, "obj", None), "hypothesis")
 
 
 def _runner_plumbing(task: asyncio.Task[Any]) -> bool:
@@ -261,21 +271,8 @@ def _runner_plumbing(task: asyncio.Task[Any]) -> bool:
     return getattr(coro, "__qualname__", "").endswith("TestRunner._call_in_runner_task")
 
 
-@pytest.fixture
-async def _asyncio_task_guard(
-    anyio_backend: Any, request: pytest.FixtureRequest
-) -> AsyncIterator[None]:
-    """Record, then cancel, tasks still pending on the test's loop once the test is done.
-
-    Requested by ``_leak_guard`` before the test's own fixtures, so it holds anyio's runner
-    open across them and tears down after all of them, while the loop is still alive.
-    """
-    backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
-    if backend != "asyncio":
-        yield
-        return
-    before = asyncio.all_tasks()
-    yield
+async def _reap_leaked_tasks(before: set[asyncio.Task[Any]], leaks: _TestLeaks) -> None:
+    """Record, then cancel, tasks created since ``before`` that are still pending."""
     me = asyncio.current_task()
     deadline = time.monotonic() + _grace_seconds()
     while True:
@@ -288,10 +285,62 @@ async def _asyncio_task_guard(
             break
         await asyncio.sleep(0.02)
     if leaked:
-        request.node.stash[_test_leaks].tasks += [f"asyncio task {t!r}" for t in leaked]
+        leaks.tasks += [f"asyncio task {t!r}" for t in leaked]
         for task in leaked:
             task.cancel()
         await asyncio.wait(leaked, timeout=_grace_seconds())
+
+
+@pytest.fixture
+async def _asyncio_task_guard(
+    anyio_backend: Any, request: pytest.FixtureRequest
+) -> AsyncIterator[None]:
+    """Reap tasks still pending on the test's loop once the test and its fixtures are done.
+
+    Requested by ``_leak_guard`` before the test's own fixtures, so it holds anyio's runner
+    (one event loop) open across them and tears down after all of them, in that loop.
+    """
+    if not _is_asyncio(anyio_backend):
+        yield
+        return
+    before = asyncio.all_tasks()
+    yield
+    await _reap_leaked_tasks(before, request.node.stash[_test_leaks])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
+    """Check each example of an async hypothesis test for tasks it leaves pending.
+
+    Such tests cannot use ``_asyncio_task_guard``: while any async fixture holds anyio's
+    runner open, a hypothesis ``StopTest`` (a BaseException, raised when an example runs out
+    of data) kills the runner's task and every later example fails with
+    ``ClosedResourceError``. Without one, anyio runs each example on a fresh loop; this
+    wraps the example so the check runs on that loop before it closes.
+    """
+    hypothesis = getattr(pyfuncitem.obj, "hypothesis", None)
+    leaks = pyfuncitem.stash.get(_test_leaks, None)
+    backend = pyfuncitem.funcargs.get("anyio_backend")
+    if hypothesis is None or leaks is None or backend is None or not _is_asyncio(backend):
+        return (yield)
+    inner = hypothesis.inner_test
+    original = getattr(inner, "_anyio_original_func", inner)  # anyio's wrapper, if any
+    original = getattr(original, "_leak_guard_original", original)  # ours, from a rerun
+    if not inspect.iscoroutinefunction(original):
+        return (yield)
+
+    async def checked(*args: Any, **kwargs: Any) -> None:
+        before = asyncio.all_tasks()
+        await original(*args, **kwargs)
+        if not leaks.tasks:  # one report per test; later examples would only repeat it
+            await _reap_leaked_tasks(before, leaks)
+
+    checked._leak_guard_original = original  # type: ignore[attr-defined]
+    hypothesis.inner_test = checked
+    try:
+        return (yield)
+    finally:
+        hypothesis.inner_test = inner
 
 
 # -- leak guard: whole session -----------------------------------------------------------------

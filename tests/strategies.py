@@ -27,6 +27,7 @@ from livecount.filters.parse import OPS_BY_KIND
 
 __all__ = [
     "CUSTOM_KEYS",
+    "CUSTOM_POOLS",
     "FOLDERS",
     "NOW",
     "TAGS",
@@ -153,15 +154,29 @@ def texts() -> st.SearchStrategy[str]:
     )
 
 
-def custom_values() -> st.SearchStrategy[Any]:
-    """Custom values of every type, overlapping across types ("1", 1, 1.0, true)."""
-    return st.one_of(
+#: Each custom key's usual values (so filters and conversations meet), mixed types included.
+CUSTOM_POOLS: Final[dict[str, tuple[Any, ...]]] = {
+    "plan": ("pro", "PRO", "enterprise", "free", "1", ""),
+    "seats": (0, 1, 5, 10, 2.5, 1e20, 2**53, "5"),
+    "vip": (True, False, "true", 1),
+    "region": ("eu", "EU", "us", "Éire", "straße", 2),
+}
+
+
+def custom_values(key: str | None = None) -> st.SearchStrategy[Any]:
+    """Custom values of every type, overlapping across types ("1", 1, 1.0, true); mostly
+    from ``key``'s pool when it is given."""
+    anything = st.one_of(
         st.sampled_from(("pro", "PRO", "enterprise", "1", "", "true", "É", "straße")),
         st.text(ALPHABET, max_size=3),
         st.sampled_from((0, 1, 2, 5, 10, -1, 2**53)),
         st.sampled_from((1.0, 2.5, -0.5, 0.1, 1e20)),
         st.booleans(),
     )
+    if key is None:
+        return anything
+    usual = st.sampled_from(CUSTOM_POOLS[key])
+    return st.one_of(usual, usual, usual, anything)
 
 
 def _iso(us: int) -> str:
@@ -173,51 +188,60 @@ def _iso(us: int) -> str:
 _timestamps = st.sampled_from(TIMESTAMPS).map(_iso)
 _teammate = st.sampled_from(TEAMMATES)
 _team = st.sampled_from(TEAMS)
+_often = st.sampled_from((True, True, True, False))
+
+
+def _nullable(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(strategy, strategy, st.none())
+
+
+@st.composite
+def _custom_map(draw: st.DrawFn, removals: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in CUSTOM_KEYS:
+        if draw(st.booleans()):
+            value = custom_values(key)
+            out[key] = draw(_nullable(value) if removals else value)
+    return out
+
+
+def _fields(patch: bool) -> dict[str, st.SearchStrategy[Any]]:
+    people = st.lists(_teammate, max_size=3)
+    fields: dict[str, st.SearchStrategy[Any]] = {
+        "state": st.sampled_from(STATES),
+        "assignee_id": _nullable(_teammate),
+        "team_id": _nullable(_team),
+        "priority": st.booleans(),
+        "channel": st.sampled_from(CHANNELS),
+        "tags": _nullable(st.lists(st.sampled_from(TAGS), max_size=3)),
+        "mentions": _nullable(people),
+        "unread_by": _nullable(people),
+        "waiting_since": _nullable(_timestamps),
+        "snoozed_until": _nullable(_timestamps),
+        "custom": st.one_of(*[_custom_map(removals=patch)] * 3, st.none()),
+    }
+    if not patch:
+        fields["author_id"] = _nullable(_teammate)
+    return fields
+
+
+@st.composite
+def _body(draw: st.DrawFn, patch: bool) -> dict[str, Any]:
+    # Each field is there three times in four: absent fields take defaults (or stay as they
+    # were), present ones make filters meet conversations often.
+    return {name: draw(value) for name, value in _fields(patch).items() if draw(_often)}
 
 
 def conversation_bodies() -> st.SearchStrategy[dict[str, Any]]:
-    """Create bodies ``validate_body(body, patch=False)`` accepts (any field may be absent)."""
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "state": st.sampled_from(STATES),
-            "assignee_id": st.none() | _teammate,
-            "team_id": st.none() | _team,
-            "author_id": st.none() | _teammate,
-            "priority": st.booleans(),
-            "channel": st.sampled_from(CHANNELS),
-            "tags": st.none() | st.lists(st.sampled_from(TAGS), max_size=3),
-            "mentions": st.none() | st.lists(_teammate, max_size=3),
-            "unread_by": st.none() | st.lists(_teammate, max_size=3),
-            "waiting_since": st.none() | _timestamps,
-            "snoozed_until": st.none() | _timestamps,
-            "custom": st.none()
-            | st.dictionaries(st.sampled_from(CUSTOM_KEYS), custom_values(), max_size=3),
-        },
-    )
+    """Create bodies ``validate_body(body, patch=False)`` accepts (any field may be absent,
+    nullable ones null, sets null or empty)."""
+    return _body(patch=False)
 
 
 def patches() -> st.SearchStrategy[dict[str, Any]]:
-    """JSON Merge Patches ``validate_body(patch, patch=True)`` accepts."""
-    return st.fixed_dictionaries(
-        {},
-        optional={
-            "state": st.sampled_from(STATES),
-            "assignee_id": st.none() | _teammate,
-            "team_id": st.none() | _team,
-            "priority": st.booleans(),
-            "channel": st.sampled_from(CHANNELS),
-            "tags": st.none() | st.lists(st.sampled_from(TAGS), max_size=3),
-            "mentions": st.none() | st.lists(_teammate, max_size=3),
-            "unread_by": st.none() | st.lists(_teammate, max_size=3),
-            "waiting_since": st.none() | _timestamps,
-            "snoozed_until": st.none() | _timestamps,
-            "custom": st.none()
-            | st.dictionaries(
-                st.sampled_from(CUSTOM_KEYS), st.none() | custom_values(), max_size=3
-            ),
-        },
-    )
+    """JSON Merge Patches ``validate_body(patch, patch=True)`` accepts (``custom`` keys set
+    to null remove the key; ``custom: null`` removes all)."""
+    return _body(patch=True)
 
 
 @st.composite
@@ -272,6 +296,8 @@ def _scalar(field: str, op: str) -> st.SearchStrategy[Any]:
     kind = _kind(field).value
     if field == "state" and op in ("=", "!=", "IN", "NIN"):
         return st.sampled_from(STATES)
+    if kind == "string" and op in ("=", "!=", "IN", "NIN"):
+        return st.one_of(st.sampled_from(CHANNELS), st.sampled_from(CHANNELS), texts())
     if kind == "string":
         return texts()
     if kind == "teammate":
@@ -286,11 +312,13 @@ def _scalar(field: str, op: str) -> st.SearchStrategy[Any]:
         return st.sampled_from((*TAGS, "VIP!", "straße"))
     if kind == "teammates":
         return _teammate
+    key = field[7:]
+    strings = st.sampled_from([v for v in CUSTOM_POOLS[key] if isinstance(v, str)] or [""])
     if op in ("~", "!~", "^", "$"):
-        return texts()
+        return st.one_of(strings, texts())
     if op in ("<", "<=", ">", ">="):
-        return st.one_of(texts(), st.sampled_from((0, 1, 2, 5, 2.5, -1, 1e20)))
-    return custom_values()
+        return st.one_of(strings, texts(), st.sampled_from((0, 1, 2, 5, 2.5, -1, 1e20)))
+    return custom_values(key)
 
 
 @st.composite

@@ -260,6 +260,50 @@ def test_leaked_redis_connection_fails_the_test(inner: pytest.Pytester, redis_ur
     )
 
 
+def test_async_hypothesis_test_leaking_tasks_fails_once(inner: pytest.Pytester) -> None:
+    result = run(
+        inner,
+        """
+        from hypothesis import given, settings, strategies as st
+
+
+        @pytest.mark.anyio
+        @settings(max_examples=50)
+        @given(st.integers())
+        async def test_leaks_a_task_per_example(x):
+            KEEP.append(asyncio.create_task(asyncio.sleep(60), name="example-task"))
+        """,
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [GUARD_FAILED.format(n=1), "*asyncio task <Task * name='example-task' coro=<sleep()*"]
+    )
+
+
+def test_async_hypothesis_examples_that_run_out_of_data_still_pass(
+    inner: pytest.Pytester,
+) -> None:
+    # Hypothesis aborts such examples with StopTest, a BaseException that kills anyio's
+    # runner task; the guard must not keep that runner alive into the next example.
+    result = run(
+        inner,
+        """
+        from hypothesis import HealthCheck, given, settings, strategies as st
+
+
+        @pytest.mark.anyio
+        @settings(max_examples=200, suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        async def test_draws_a_lot(data):
+            n = data.draw(st.integers(0, 3000))
+            data.draw(st.lists(st.integers(), min_size=n, max_size=n))
+            await asyncio.sleep(0)
+        """,
+    )
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+
+
 # -- clean tests pass --------------------------------------------------------------------------
 
 

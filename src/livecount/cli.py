@@ -21,6 +21,32 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 1 if any(r.drifted for r in results) else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Run the HTTP API and the stream gateway in this process under uvicorn."""
+    import uvicorn
+
+    from .server.app import Server, create_app, server_options
+    from .service import Settings
+
+    settings = Settings(store_url=args.store, broker_url=args.broker,
+                        flush_interval=args.flush_interval)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
+                            log_level=args.log_level, timeout_graceful_shutdown=10,
+                            **server_options(settings))
+    Server(config, app).run()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Seed a realistic workspace, serve it and simulate a team at work until Ctrl-C."""
+    from .demo.run import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(store=args.store, host=args.host, port=args.port,
+                                rate=args.rate, conversations=args.conversations,
+                                seed=args.seed, duration=args.duration, keep=args.keep))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="livecount",
@@ -36,6 +62,48 @@ def build_parser() -> argparse.ArgumentParser:
                            help="store URL (default: %(default)s)")
     reconcile.add_argument("--dry-run", action="store_true", help="report drift, repair nothing")
     reconcile.set_defaults(func=_reconcile)
+
+    serve = commands.add_parser(
+        "serve", help="serve the HTTP API and the live count streams",
+        description="Serve the JSON API, the WebSocket/SSE count streams and the operations "
+                    "endpoints. The admin token comes from LIVECOUNT_ADMIN_TOKEN, or is "
+                    "generated and printed once at first start.")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--store", default=DEFAULT_STORE, help="store URL (default: %(default)s)")
+    serve.add_argument("--broker", default="memory://",
+                       help="counter state and bus URL: memory:// or redis://... "
+                            "(default: %(default)s)")
+    serve.add_argument("--flush-interval", type=float, default=0.05,
+                       help="seconds between a stream connection's flushes (default: "
+                            "%(default)s)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn log level (default: %(default)s)")
+    serve.set_defaults(func=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="try it: a seeded workspace, the server, and a simulated team at work",
+        description="Seed a realistic workspace (3 teams, 12 teammates, conversations, custom "
+                    "views), serve it, print a login URL per teammate, and change "
+                    "conversations at a steady rate until Ctrl-C.")
+    demo.add_argument("--store", default=None,
+                      help="store URL (default: a SQLite file in a fresh temporary directory, "
+                           "removed at exit)")
+    demo.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=8000,
+                      help="port; 0 picks a free one (default: %(default)s)")
+    demo.add_argument("--rate", type=float, default=5.0,
+                      help="simulated changes per second (default: %(default)s)")
+    demo.add_argument("--conversations", type=int, default=2000,
+                      help="conversations to seed (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=1,
+                      help="random seed for the data and the simulation (default: %(default)s)")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the temporary database directory at exit")
+    demo.set_defaults(func=_demo)
     return parser
 
 

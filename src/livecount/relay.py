@@ -25,7 +25,8 @@ from typing import Final
 from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
-from .exceptions import LivecountError
+from .exceptions import LivecountError, NotFound, PreconditionFailed
+from .schedule import FlipSchedule, ReopenSchedule
 from .state.base import CounterState
 from .store.base import Counts, OutboxEntry, Store, View
 
@@ -41,6 +42,7 @@ class _Pending:
     position: int
     view: View
     counts: Counts
+    images: list[Image]  # the snapshot's, kept only for a time-dependent view's flips
 
 
 @dataclass
@@ -54,6 +56,14 @@ class _Workspace:
     history: deque[tuple[int, list[Delta]]] = field(default_factory=lambda: deque(
         maxlen=HISTORY))
     floor: int = 0  # position of the newest history record evicted
+    flips: FlipSchedule = field(default_factory=FlipSchedule)
+    timers: frozenset[tuple[str, int]] = frozenset()
+
+    def retime(self) -> None:
+        self.timers = frozenset().union(*(v.timers for v in self.engine.views.values()))
+
+    def version(self, conversation_id: int) -> int:
+        return self.engine.versions.get(conversation_id, 0)
 
     def remember(self, position: int, deltas: list[Delta]) -> None:
         if len(self.history) == self.history.maxlen:
@@ -95,6 +105,7 @@ class Relay:
         self.errors = 0
         self.drift_repaired = 0
         self._workspaces: dict[int, _Workspace] = {}
+        self._reopens = ReopenSchedule()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,10 +142,20 @@ class Relay:
             with contextlib.suppress(RuntimeError):  # the loop closed since the check
                 loop.call_soon_threadsafe(self._wake.set)
 
+    def _next_timeout(self) -> float:
+        """Seconds until the next flip or reopen is due, at most the poll interval."""
+        instants = [i for ws in self._workspaces.values()
+                    if (i := ws.flips.next_instant()) is not None]
+        if (reopen := self._reopens.next_instant()) is not None:
+            instants.append(reopen)
+        if not instants:
+            return self.poll_interval
+        return max(0.0, min(self.poll_interval, (min(instants) - self.clock()) / 1e6))
+
     async def _run(self) -> None:
         while True:
             try:
-                async with asyncio.timeout(self.poll_interval):
+                async with asyncio.timeout(self._next_timeout()):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -142,6 +163,7 @@ class Relay:
             try:
                 while await self.step():
                     pass
+                await self._reopen_due()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -168,13 +190,16 @@ class Relay:
     async def step(self) -> bool:
         """Apply the next batch of the outbox; True when there may be more."""
         async with self.lock:
-            entries = await self.store.read_outbox(self.position, self.batch_size)
-            if not entries:
-                await self._install_due(None)
-                return False
             now = self.clock()
             pending_deltas: dict[int, Counts] = {}
             last: dict[int, int] = {}
+            self._flip_due(now, pending_deltas)
+            entries = await self.store.read_outbox(self.position, self.batch_size)
+            if not entries:
+                for workspace_id in list(pending_deltas):
+                    await self._flush(workspace_id, pending_deltas, last)
+                await self._install_due(None)
+                return False
             for entry in entries:
                 ws = self._workspaces.get(entry.workspace_id)
                 if ws is None:
@@ -203,6 +228,10 @@ class Relay:
         assert before is None or isinstance(before, Image)
         assert after is None or isinstance(after, Image)
         deltas = ws.engine.apply(before, after, now)
+        if after is not None and ws.version(after.id) == after.version:
+            if ws.timers:
+                ws.flips.watch(after, ws.timers, now)
+            self._reopens.watch(after)
         if not deltas:
             return
         ws.remember(entry.position, deltas)
@@ -210,6 +239,32 @@ class Relay:
         for vid, group, teammate, delta in deltas:
             key = (vid, group, teammate)
             acc[key] = acc.get(key, 0) + delta
+
+    def _flip_due(self, now: int, pending: dict[int, Counts]) -> None:
+        """Apply every membership flip the clock has reached (before any entry at ``now``)."""
+        for workspace_id, ws in self._workspaces.items():
+            if not len(ws.flips):
+                continue
+            for instant, image in ws.flips.due(now, ws.version):
+                deltas = ws.engine.clock_deltas(image, instant - 1, instant)
+                if deltas:
+                    ws.remember(self.position, deltas)
+                    acc = pending.setdefault(workspace_id, {})
+                    for vid, group, teammate, delta in deltas:
+                        key = (vid, group, teammate)
+                        acc[key] = acc.get(key, 0) + delta
+            ws.flips.compact(ws.version)
+
+    async def _reopen_due(self) -> None:
+        """Reopen snoozed conversations whose ``snoozed_until`` has passed: a real write."""
+        for workspace_id, conversation_id, version in self._reopens.due(self.clock()):
+            ws = self._workspaces.get(workspace_id)
+            if ws is None or ws.version(conversation_id) != version:
+                continue  # changed since it was snoozed; the newer version decides
+            with contextlib.suppress(PreconditionFailed, NotFound):
+                await self.store.update_conversation(
+                    workspace_id, conversation_id, {"state": "open", "snoozed_until": None},
+                    if_match=version)
 
     async def _flush(self, workspace_id: int, pending: dict[int, Counts],
                      last: dict[int, int]) -> None:
@@ -226,9 +281,15 @@ class Relay:
         """Count a workspace from scratch over one snapshot; later entries continue it."""
         snapshot = await self.store.snapshot(workspace_id)
         engine = Engine(snapshot.views)
-        counts = engine.count(snapshot.conversations, self.clock())
+        now = self.clock()
+        counts = engine.count(snapshot.conversations, now)
         ws = _Workspace(engine, skip=snapshot.position,
                         installed_at={v.id: snapshot.position for v in snapshot.views})
+        ws.retime()
+        for image in snapshot.conversations:
+            if ws.timers:
+                ws.flips.watch(image, ws.timers, now)
+            self._reopens.watch(image)
         self._workspaces[workspace_id] = ws
         update = await self.state.replace(workspace_id, counts, snapshot.position)
         await self.bus.publish(BusMessage(workspace_id, update.seq, "views", update.changed))
@@ -240,6 +301,7 @@ class Relay:
             ws.pending.pop(view_id, None)
             ws.installed_at.pop(view_id, None)
             ws.engine.remove_view(view_id)
+            ws.retime()
             await self._replace(entry.workspace_id, ws, {}, entry.position, [view_id])
             return
         known = ws.pending.get(view_id)
@@ -250,8 +312,11 @@ class Relay:
         if view is None:  # deleted again before the snapshot; its delete entry follows
             ws.pending.pop(view_id, None)
             return
-        counts = Engine([view]).count(snapshot.conversations, now)
-        ws.pending[view_id] = _Pending(snapshot.position, view, counts)
+        scratch = Engine([view])
+        counts = scratch.count(snapshot.conversations, now)
+        timed = scratch.views[view_id].timed
+        ws.pending[view_id] = _Pending(snapshot.position, view, counts,
+                                       snapshot.conversations if timed else [])
 
     async def _install_due(self, workspace_id: int | None, before: int | None = None) -> None:
         """Install recounted views whose snapshot position the relay has reached."""
@@ -264,8 +329,13 @@ class Relay:
                 if not due:
                     continue
                 del ws.pending[view_id]
-                ws.engine.set_view(pending.view)
+                compiled = ws.engine.set_view(pending.view)
                 ws.installed_at[view_id] = pending.position
+                ws.retime()
+                now = self.clock()
+                for image in pending.images:  # the snapshot is the engine's state right here
+                    if ws.version(image.id) == image.version:
+                        ws.flips.watch(image, compiled.timers, now)
                 await self._replace(wid, ws, pending.counts, pending.position, [view_id])
 
     async def _replace(self, workspace_id: int, ws: _Workspace, counts: Counts, position: int,

@@ -247,22 +247,24 @@ def test_sql_agrees_with_predicate(db: sa.Engine, items: list[Image],
 
 def test_random_filters_match_often() -> None:
     """Guard on the strategies: random filter/conversation pairs are neither almost always
-    false nor almost always true, or the differential tests would prove little."""
+    false nor almost always true, and a filter often splits a handful of random conversations,
+    or the differential tests would prove little. (Over 40 runs the share of true pairs was
+    0.27 to 0.62 and the share of splitting filters 0.19 to 0.63.)"""
     hits: list[bool] = []
-    mixed: list[bool] = []
+    split: list[bool] = []
 
     @settings(max_examples=100, database=None, deadline=None)
     @given(raw=filters(), items=st.lists(images(), min_size=8, max_size=8))
     def sample(raw: dict[str, Any], items: list[Image]) -> None:
         predicate = compile_predicate(parse_filter(raw))
-        results = [predicate(image, me, NOW) for image in items for me in (NOBODY, 1, 2)]
-        hits.extend(results)
-        mixed.append(True in results and False in results)
+        hits.extend(predicate(image, me, NOW) for image in items for me in (NOBODY, 1, 2))
+        results = {predicate(image, NOBODY, NOW) for image in items}
+        split.append(len(results) == 2)
 
     sample()
     share = sum(hits) / len(hits)
-    assert 0.2 <= share <= 0.8, share
-    assert sum(mixed) / len(mixed) >= 0.2
+    assert 0.15 <= share <= 0.85, share
+    assert sum(split) / len(split) >= 0.08, sum(split) / len(split)
 
 
 # -- lower-casing: PostgreSQL's emulation of str.lower -------------------------------------
@@ -338,6 +340,16 @@ def test_recount_matches_reference(db: sa.Engine, items: list[Image], others: li
         assert recount(conn, 1, chosen, NOW) == python_counts(everything, chosen, NOW)
 
 
+def seen_by(counts: dict[tuple[int, str | None, int | None], int], view_id: int,
+            teammate: int) -> dict[str | None, int]:
+    """What ``teammate`` sees of a view: base plus their adjustment, per group (zeros out)."""
+    seen: dict[str | None, int] = {}
+    for (view, group, whose), n in counts.items():
+        if view == view_id and whose in (None, teammate):
+            seen[group] = seen.get(group, 0) + n
+    return {group: n for group, n in seen.items() if n}
+
+
 @given(items=image_lists(max_size=10), specs=st.lists(views(), min_size=1, max_size=4))
 def test_reference_counts_are_what_each_teammate_sees(items: list[Image],
                                                       specs: list[dict[str, Any]]) -> None:
@@ -347,25 +359,22 @@ def test_reference_counts_are_what_each_teammate_sees(items: list[Image],
     counts = python_counts(items, chosen, NOW)
     for view in chosen:
         node = parse_filter(view.filter)
-        viewers: Iterable[int] = (view.owner_id,) if view.owner_id else (*VIEWERS, 7)
         if view.owner_id:
             node = bind_me(node, view.owner_id)
         predicate = compile_predicate(node)
+        viewers = (view.owner_id,) if view.owner_id else (*VIEWERS, 7)  # 7: named nowhere
         for teammate in viewers:
             direct: dict[str | None, int] = {}
             for image in items:
                 if predicate(image, teammate, NOW):
-                    for group in image_groups(image, view.group_by) if view.group_by \
-                            else (None,):
+                    groups = image_groups(image, view.group_by) if view.group_by else (None,)
+                    for group in groups:
                         direct[group] = direct.get(group, 0) + 1
-            seen = {group: counts.get((view.id, group, None), 0)
-                    + (0 if view.owner_id else counts.get((view.id, group, teammate), 0))
-                    for group in {g for (v, g, _) in counts if v == view.id} | set(direct)}
-            assert {g: n for g, n in seen.items() if n or g is None} == \
-                {g: n for g, n in direct.items() if n} | \
-                ({None: direct.get(None, 0)} if view.group_by is None else {}), view
-    for key, n in counts.items():
-        assert n != 0 or (key[1] is None and key[2] is None), key
+            assert seen_by(counts, view.id, teammate) == direct, (view, teammate)
+        if view.group_by is None:
+            assert (view.id, None, None) in counts  # a plain view always has its count
+    assert [key for key, n in counts.items() if n == 0 and key[1:] != (None, None)] == []
+    assert all(key[2] is None for key in counts if chosen[key[0] - 1].owner_id is not None)
 
 
 def test_recount_examples(db: sa.Engine) -> None:
@@ -520,3 +529,21 @@ def test_list_one_group(db: sa.Engine, group_by: str, group: str, ids: list[int]
         VIEW, filter={"field": "channel", "operator": "is not null"}, group_by=group_by)
     with db.connect() as conn:
         assert [i for page in read_all(conn, view, NOBODY, group, 3) for i in page] == ids
+
+
+
+@pytest.mark.parametrize(("left", "right"), [("a", "B"), ("B", "a"), ("é", "z"), ("ab", "a"),
+                                             ("Z", "a"), ("a", "a")])
+def test_strings_order_by_code_point_whatever_the_collation(db: sa.Engine, left: str,
+                                                            right: str) -> None:
+    """Even a value under a linguistic or case-blind collation compares by code point."""
+    from livecount.filters.sql import _code_points
+
+    blind = "NOCASE" if db.dialect.name == "sqlite" else "und-x-icu"
+    subject = sa.literal(left, sa.Text).collate(blind)
+    with db.connect() as conn:
+        trap, less, at_most = conn.execute(sa.select(
+            sa.literal("a", sa.Text).collate(blind) < "B",
+            _code_points(subject) < right, _code_points(subject) <= right)).one()
+    assert (bool(less), bool(at_most)) == (left < right, left <= right)
+    assert bool(trap) is True  # 'a' < 'B' under that collation: the bug this prevents

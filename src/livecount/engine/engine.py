@@ -125,12 +125,29 @@ class Engine:
                         _group_deltas(view, before if was else None, after if now_in else None,
                                       None, 1, out)
                 else:
-                    self._per_teammate(view, before, after, was, now_in, now, out)
+                    self._per_teammate(view, before, after, was, now_in, now, now, out)
             return out
+        self._evaluate(candidates, before, after, now, now, out)
+        return out
+
+    def clock_deltas(self, image: Image, earlier: int, later: int) -> list[Delta]:
+        """Deltas of the time-dependent views for one unchanged image as the clock moves
+        from ``earlier`` to ``later`` (``older_than``/``newer_than`` flips)."""
+        out: list[Delta] = []
+        timed = [v for v in self.views.values() if v.timed]
+        for view in timed:
+            view.side = 3
+        self._evaluate(timed, image, image, earlier, later, out)
+        return out
+
+    def _evaluate(self, candidates: Iterable[CompiledView], before: Image | None,
+                  after: Image | None, before_now: int, after_now: int,
+                  out: list[Delta]) -> None:
+        append = out.append
         for view in candidates:
             pred = view.predicate
-            was = before is not None and pred(before, NOBODY, now)
-            now_in = after is not None and pred(after, NOBODY, now)
+            was = before is not None and pred(before, NOBODY, before_now)
+            now_in = after is not None and pred(after, NOBODY, after_now)
             if view.mode == 0:
                 if was != now_in:
                     append((view.id, None, None, 1 if now_in else -1))
@@ -139,12 +156,13 @@ class Engine:
                     _group_deltas(view, before if was else None, after if now_in else None,
                                   None, 1, out)
             else:
-                self._per_teammate(view, before, after, was, now_in, now, out)
-        return out
+                self._per_teammate(view, before, after, was, now_in, before_now, after_now,
+                                   out)
 
     @staticmethod
     def _per_teammate(view: CompiledView, before: Image | None, after: Image | None,
-                      was: bool, now_in: bool, now: int, out: list[Delta]) -> None:
+                      was: bool, now_in: bool, before_now: int, after_now: int,
+                      out: list[Delta]) -> None:
         """Base delta plus adjustments for the teammates the images name (and only them)."""
         vid = view.id
         if view.group is None:
@@ -166,8 +184,8 @@ class Engine:
         pred = view.predicate
         for teammate in named:
             # adjustment(T) for one image = f(image, T) - f(image, nobody)
-            b_me = before is not None and pred(before, teammate, now)
-            a_me = after is not None and pred(after, teammate, now)
+            b_me = before is not None and pred(before, teammate, before_now)
+            a_me = after is not None and pred(after, teammate, after_now)
             if view.group is None:
                 delta = (a_me - now_in) - (b_me - was)
                 if delta:

@@ -9,7 +9,18 @@ from typing import Final
 from ..domain import FIELDS, FieldKind, Image, group_text
 from ..filters.parse import parse_filter
 from ..filters.predicate import Predicate, compile_predicate
-from ..filters.tree import And, Comparison, Node, Not, Or, bind_me, fields_read, uses_me, uses_time
+from ..filters.tree import (
+    TIME_OPERATORS,
+    And,
+    Comparison,
+    Node,
+    Not,
+    Or,
+    bind_me,
+    fields_read,
+    uses_me,
+    uses_time,
+)
 from ..store.base import View
 
 __all__ = [
@@ -79,6 +90,19 @@ def _me_fields(node: Node) -> frozenset[str]:
     raise AssertionError(node)
 
 
+def _timers(node: Node) -> frozenset[tuple[str, int]]:
+    match node:
+        case Comparison(field=name, op=op, value=span) if op in TIME_OPERATORS:
+            return frozenset(((name, span),))
+        case Comparison():
+            return frozenset()
+        case And(children) | Or(children):
+            return frozenset().union(*(_timers(c) for c in children))
+        case Not(child):
+            return _timers(child)
+    raise AssertionError(node)
+
+
 def _bits(names: frozenset[str]) -> int:
     mask = 0
     for name in names:
@@ -105,6 +129,9 @@ class CompiledView:
     per_teammate: bool
     me_fields: tuple[str, ...]
     timed: bool
+    #: (timestamp field, span µs) of each ``older_than``/``newer_than``: membership can only
+    #: flip at ``image.field + span``
+    timers: frozenset[tuple[str, int]] = frozenset()
     #: 0 plain, 1 grouped, 2 per teammate: one int test in the engine's hot loop
     mode: int = 0
     # Scratch state owned by the index/engine: ``tick`` de-duplicates candidates of one
@@ -134,5 +161,6 @@ def compile_view(view: View) -> CompiledView:
         per_teammate=per_teammate,
         me_fields=me_fields,
         timed=uses_time(tree),
+        timers=_timers(tree),
         mode=2 if per_teammate else 1 if group else 0,
     )

@@ -19,9 +19,10 @@ expression runs on either engine:
   Case_Ignorable properties, rewrites final sigmas first. With those two, PostgreSQL 15 with a
   ``C.UTF-8``/libc UTF-8 ctype agrees with Python 3.11 on every code point (the tests sweep
   all of them); a database whose ctype uses another Unicode version than Python's may still
-  lower newly assigned letters differently;
-- ``< <= > >=`` on strings compare code points: SQLite's BINARY collation does, PostgreSQL
-  needs ``COLLATE "C"``;
+  lower newly assigned letters differently, and a Turkish ctype lowers ``'I'`` to ``'ı'``
+  (run the tests' code point sweep against a production database to know);
+- ``< <= > >=`` on strings compare code points: ``COLLATE BINARY`` on SQLite, ``COLLATE "C"``
+  on PostgreSQL (UTF-8 byte order is code point order), whatever the column's collation;
 - substring search is ``instr`` on SQLite, ``strpos`` on PostgreSQL; no ``LIKE`` (SQLite's
   is case-insensitive for ASCII, and ``%``, ``_``, ``\\`` would need escaping).
 """
@@ -319,7 +320,12 @@ def _code_points_postgresql(element: _CodePoints, compiler: SQLCompiler, **kw: A
 
 @compiles(_CodePoints)
 def _code_points_default(element: _CodePoints, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"({compiler.process(element.clauses, **kw)})"  # SQLite's BINARY collation
+    raise sa.exc.CompileError(f"no code point order for dialect {compiler.dialect.name!r}")
+
+
+@compiles(_CodePoints, "sqlite")
+def _code_points_sqlite(element: _CodePoints, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"({compiler.process(element.clauses, **kw)}) COLLATE BINARY"  # memcmp of UTF-8
 
 
 @functools.cache

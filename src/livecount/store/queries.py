@@ -70,8 +70,8 @@ def recount(conn: Connection, workspace_id: int, views: Sequence[View], now: int
     """Count every view in SQL, in the counter-state form (see :data:`~.base.Counts`).
 
     Key ``(view, group, None)`` is the count everybody sees (``$me`` = nobody), key
-    ``(view, group, T)`` teammate T's adjustment for a shared ``$me`` view. A plain view
-    always has its base key, even at 0; empty groups and zero adjustments are left out.
+    ``(view, group, T)`` teammate T's adjustment for a shared ``$me`` view. Zero counts are
+    left out, as in the counter state, so the two compare with ``==``.
     """
     counts: Counts = {}
     named = _named_teammates(workspace_id)
@@ -81,9 +81,10 @@ def recount(conn: Connection, workspace_id: int, views: Sequence[View], now: int
         base = compile_sql(node, NOBODY, now)
         source, columns = _group_source(view.group_by)
         if view.group_by is None:
-            counts[view.id, None, None] = conn.execute(
-                sa.select(sa.func.count()).select_from(conversations)
-                .where(in_workspace, base)).scalar_one()
+            total = conn.execute(sa.select(sa.func.count()).select_from(conversations)
+                                 .where(in_workspace, base)).scalar_one()
+            if total:
+                counts[view.id, None, None] = total
         else:
             query = (sa.select(*columns, sa.func.count()).select_from(source)
                      .where(in_workspace, base).group_by(*columns))
@@ -97,7 +98,7 @@ def recount(conn: Connection, workspace_id: int, views: Sequence[View], now: int
             continue
         # Only conversations naming T can count differently for T than for nobody.
         mine = compile_sql(node, named.c.teammate_id, now)
-        change = sa.func.sum(sa.case((mine, 1), else_=0))
+        change = sa.func.sum(sa.case((mine, 1), else_=0) - sa.case((base, 1), else_=0))
         query = (sa.select(named.c.teammate_id, *columns, change)
                  .select_from(source.join(named, named.c.conversation_id == _C.id))
                  .where(in_workspace, sa.or_(mine, base))

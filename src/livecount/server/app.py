@@ -1,0 +1,125 @@
+"""The ASGI application: routes, pure-ASGI middleware, error handlers and the lifespan.
+
+:func:`create_app` builds the service and the stream gateway up front (nothing is opened
+until the lifespan starts), so the route table is complete before the first request and the
+gateway's routes can be bound to it. The lifespan starts the service, then the gateway, and
+stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+
+from ..service import Service, Settings
+from . import api, openapi, ops
+from .body import BodyLimit
+from .errors import exception_handlers
+from .metrics import Metrics, MetricsMiddleware
+
+__all__ = ["Server", "create_app", "drain", "server_options"]
+
+
+def _optional(name: str) -> Any | None:
+    """The module ``name``, or None while it does not exist (parts written alongside)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def _gateway_module() -> Any | None:
+    return _optional("livecount.server.gateway")
+
+
+def _gateway(service: Service) -> Any | None:
+    module = _gateway_module()
+    return None if module is None else module.Gateway(service)
+
+
+def _web_routes() -> list[BaseRoute]:
+    """The inbox page (``/``) and its assets (``/static/``), when the web module is there."""
+    module = _optional("livecount.web")
+    return [] if module is None else list(module.web_routes())
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options the app relies on (the gateway's WebSocket settings)."""
+    module = _gateway_module()
+    options = getattr(module, "uvicorn_options", None)
+    return {} if options is None else dict(options(settings))
+
+
+async def drain(app: Starlette) -> None:
+    """Stop being ready and end every stream (each is told to reconnect elsewhere)."""
+    app.state.draining = True
+    gateway = app.state.gateway
+    if gateway is not None:
+        await gateway.stop()
+
+
+class Server(uvicorn.Server):
+    """uvicorn, draining the app's streams first when it shuts down.
+
+    uvicorn waits for open connections to end *before* it runs the lifespan shutdown, and a
+    stream never ends by itself: so the streams are drained here, ahead of that wait.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await drain(self.app)
+        await super().shutdown(sockets)
+
+
+def create_app(settings: Settings) -> Starlette:
+    service = Service(settings)
+    gateway = _gateway(service)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            if gateway is not None:
+                await gateway.start()
+            try:
+                yield
+            finally:
+                await drain(app)
+        finally:
+            await service.stop()
+
+    web = _web_routes()
+    routes: list[BaseRoute] = [*ops.routes(),
+                               *openapi.routes(streams=gateway is not None, web=bool(web)),
+                               *api.routes()]
+    if gateway is not None:
+        routes += gateway.routes()
+    routes += web
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics),
+                    Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
+        exception_handlers=exception_handlers(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    app.state.draining = False
+    app.state.internal_errors = 0
+    return app

@@ -1,0 +1,312 @@
+"""The live stream gateway: WebSocket and SSE routes over one hub per workspace.
+
+Life of a stream (same on both transports, see :mod:`.ws` and :mod:`.sse`):
+
+1. :meth:`Gateway.admit` — the token (``Authorization: Bearer`` or ``?token=``) and tenancy,
+   in the same order as the JSON API (:mod:`.auth`): no or unknown token → 401; a teammate
+   token on another workspace's path → 403, whether that workspace exists or not; the admin
+   token on a workspace that does not exist → 404; a draining gateway → 503. ``?since=S``
+   (or, on SSE, ``Last-Event-ID: S``) asks to resume; a malformed one → 400.
+2. :meth:`Gateway.join` — the workspace's :class:`~.hub.Hub` (created with the first stream,
+   removed with the last).
+3. :meth:`Gateway.serve` — ONE task group per connection: a reader that waits for the client
+   to go (and discards anything it sends), and the writer (the connection's own task) that
+   sends a snapshot or the resume delta, then whatever the hub marks. When either ends, the
+   group cancels the other.
+4. :meth:`Gateway.leave`.
+
+Resume: when the bus still holds ``S`` (``bus.since``), ONE delta with the current value of
+every counter changed after ``S`` (possibly empty: it confirms the resume); when it does not,
+when ``S`` is ahead of the server, or when the views changed meanwhile: the view list (in the
+last case) and a snapshot.
+
+Slow clients: a send that has not completed after ``slow_client_timeout`` (the transport's
+buffer is full because the client does not read) gets the connection closed — WebSocket close
+code 4000 "slow client", or the end of the SSE response — checked by one watchdog task for
+the whole gateway rather than a timer per send. What the client missed is not queued: it
+resumes on reconnect.
+
+Drain (:meth:`Gateway.stop`): no new streams (503); every stream gets
+``{"type":"reconnect","reason":"server shutting down","retry_ms":...}`` (the delay is
+jittered so clients do not all come back at once), then WebSocket close 1012 (service
+restart) or the end of the SSE response. ``stop()`` returns when every stream has ended (a
+client that does not read the reconnect message is cut after ``slow_client_timeout``).
+
+Heartbeats: SSE sends a ``: ping`` comment after ``heartbeat_interval`` without a message.
+WebSocket uses the server's protocol-level ping frames, which browsers answer by themselves
+and which keep the message protocol clean: run uvicorn with :func:`uvicorn_options`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import anyio
+from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Scope
+
+from ..exceptions import Forbidden, Unauthorized, Unavailable, ValidationError
+from ..service import Service, Settings
+from .auth import bearer_token
+from .hub import Hub, Payload, Stream
+
+__all__ = ["CLOSE_DRAIN", "CLOSE_SLOW", "Gateway", "uvicorn_options"]
+
+log = logging.getLogger("livecount.gateway")
+
+#: WebSocket close code after a reconnect message (RFC 6455 "Service Restart").
+CLOSE_DRAIN: Final = 1012
+#: WebSocket close code of a client that could not keep up (reason "slow client").
+CLOSE_SLOW: Final = 4000
+#: How long a resume waits for the hub to reach the client's seq (it lags the bus briefly).
+RESUME_WAIT: Final = 1.0
+#: Reconnect delay told to drained clients: this, plus up to the same again at random.
+RETRY_MS: Final = 1000
+_MAX_SEQ_DIGITS: Final = 18
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn settings the gateway relies on: the sans-I/O ``websockets`` protocol
+    (it applies back-pressure to sends, which slow-client detection needs), protocol pings
+    every ``heartbeat_interval``, no compression (it costs ~100 KiB per connection), and
+    small incoming messages (clients have nothing to send)."""
+    return {
+        "ws": "websockets-sansio",
+        "ws_ping_interval": settings.heartbeat_interval,
+        "ws_ping_timeout": settings.heartbeat_interval,
+        "ws_per_message_deflate": False,
+        "ws_max_size": 64 * 1024,
+    }
+
+
+class Gateway:
+    """The stream side of one server process. ``start()``/``stop()`` bracket its tasks: one
+    per hub and a watchdog; connections' tasks belong to the server's request tasks and end
+    with them (``stop()`` waits for them)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        #: streams closed because the client could not keep up
+        self.slow_clients = 0
+        #: streams opened since start (a counter for metrics)
+        self.opened = 0
+        self._hubs: dict[int, Hub] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = False
+        self._stopped = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._accepting or self._stopped:
+            return
+        self._accepting = True
+        self._spawn(self._watchdog(), "livecount-gateway-watchdog")
+
+    async def stop(self) -> None:
+        """Tell every stream to reconnect, wait for all of them to end, end the hubs."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._accepting = False
+        for stream in self._streams():
+            retry = RETRY_MS + random.randrange(RETRY_MS)
+            stream.close(Payload({"type": "reconnect", "reason": "server shutting down",
+                                  "retry_ms": retry}, retry=retry))
+        with anyio.move_on_after(self.settings.slow_client_timeout + 1.0):
+            await self._idle.wait()
+        if self._count:
+            log.warning("cutting %d streams that did not take the reconnect message",
+                        self._count)
+            for stream in self._streams():
+                stream.kick("drained")
+            with anyio.move_on_after(2.0):
+                await self._idle.wait()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def routes(self) -> list[BaseRoute]:
+        from .sse import EventStream
+        from .ws import WebSocketStream
+
+        return [
+            WebSocketRoute("/api/workspaces/{workspace_id:int}/ws", WebSocketStream(self),
+                           name="stream_ws"),
+            Route("/api/workspaces/{workspace_id:int}/stream", EventStream(self),
+                  methods=["GET"], name="stream_sse"),
+        ]
+
+    @property
+    def connections(self) -> int:
+        """Streams currently open (WebSocket and SSE)."""
+        return self._count
+
+    @property
+    def hubs(self) -> int:
+        return len(self._hubs)
+
+    def hub(self, workspace_id: int) -> Hub | None:
+        """The live hub of a workspace (None when it has no stream here)."""
+        return self._hubs.get(workspace_id)
+
+    def _streams(self) -> list[Stream]:
+        return [s for hub in list(self._hubs.values()) for s in list(hub.streams)]
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _watchdog(self) -> None:
+        """Close streams stuck in one send for longer than ``slow_client_timeout``."""
+        timeout = self.settings.slow_client_timeout
+        period = min(1.0, max(0.01, timeout / 4))
+        while True:
+            await anyio.sleep(period)
+            now = time.monotonic()
+            for stream in self._streams():
+                since = stream.sending_since
+                if since and now - since > timeout and not stream.outcome:
+                    self.slow_clients += 1
+                    log.info("closing a stream of workspace %s: slow client (a send took "
+                             "over %.1f s)", stream.hub and stream.hub.workspace_id, timeout)
+                    stream.kick("slow")
+
+    # -- one stream -------------------------------------------------------------------------
+
+    async def admit(self, scope: Scope, workspace_id: int, *,
+                    last_event_id: bool) -> tuple[int | None, int | None]:
+        """The viewing teammate (None: the admin) and the seq to resume from, or raise the
+        refusal (:class:`~livecount.exceptions.LivecountError`)."""
+        conn = HTTPConnection(scope)
+        token = bearer_token(conn, query=True)
+        if not token:
+            raise Unauthorized("missing token (Authorization: Bearer <token>, or ?token=)")
+        caller = await self.service.authenticate(token)
+        if caller is None:
+            raise Unauthorized("invalid token")
+        if caller.teammate is None:
+            if self._hubs.get(workspace_id) is None:
+                await self.service.store.get_workspace(workspace_id)  # NotFound when absent
+        elif caller.teammate.workspace_id != workspace_id:
+            raise Forbidden(f"this token gives no access to workspace {workspace_id}")
+        raw = conn.query_params.get("since")
+        if raw is None and last_event_id:
+            raw = conn.headers.get("last-event-id")
+        since = None
+        if raw is not None and raw.strip():
+            text = raw.strip()
+            if not text.isdigit() or not text.isascii() or len(text) > _MAX_SEQ_DIGITS:
+                raise ValidationError(f"expected a seq (a non-negative integer), got "
+                                      f"{text[:30]!r}", "since")
+            since = int(text)
+        if not self._accepting:
+            raise Unavailable("the server is not accepting streams (shutting down); retry")
+        return caller.teammate_id, since
+
+    async def join(self, workspace_id: int, stream: Stream) -> Hub:
+        """Attach ``stream`` to the workspace's hub (starting it if needed)."""
+        if not self._accepting:
+            raise Unavailable("the server is not accepting streams (shutting down); retry")
+        hub = self._hubs.get(workspace_id)
+        if hub is None:
+            hub = self._hubs[workspace_id] = Hub(self.service, workspace_id,
+                                                 self.settings.flush_interval)
+            hub.task = self._spawn(hub.run(), f"livecount-hub-{workspace_id}")
+            hub.task.add_done_callback(functools.partial(self._hub_ended, hub))
+        hub.streams.add(stream)
+        stream.hub = hub
+        self._count += 1
+        self.opened += 1
+        self._idle.clear()
+        try:
+            await hub.loaded.wait()
+            if hub.failed is not None:
+                raise Unavailable("live counts are unavailable right now; retry")
+        except BaseException:
+            self.leave(stream)
+            raise
+        return hub
+
+    def leave(self, stream: Stream) -> None:
+        """Detach ``stream``; the last one out ends the hub. Idempotent."""
+        hub = stream.hub
+        if hub is None:
+            return
+        stream.hub = None
+        hub.streams.discard(stream)
+        self._count -= 1
+        if not hub.streams:
+            self._forget(hub)
+            if hub.task is not None:
+                hub.task.cancel()
+        if not self._count:
+            self._idle.set()
+
+    def _hub_ended(self, hub: Hub, task: asyncio.Task[None]) -> None:
+        self._forget(hub)  # a hub that failed or ended must not take new streams
+
+    def _forget(self, hub: Hub) -> None:
+        if self._hubs.get(hub.workspace_id) is hub:
+            del self._hubs[hub.workspace_id]
+
+    async def serve(self, stream: Stream, since: int | None,
+                    read: Callable[[], Awaitable[None]]) -> str:
+        """Run a joined stream until the client goes, it is drained or cut; the outcome:
+        ``"disconnected"``, ``"drained"`` (reconnect sent), ``"slow"`` or ``"closed"``."""
+        async with anyio.create_task_group() as tg:
+            stream.scope = tg.cancel_scope
+            tg.start_soon(self._read, stream, read)
+            try:
+                await self._begin(stream, since)
+                await stream.pump()
+            except OSError:  # the transport is gone (uvicorn's ClientDisconnected)
+                stream.outcome = stream.outcome or "disconnected"
+            tg.cancel_scope.cancel()
+        stream.scope = None
+        return stream.outcome or "closed"
+
+    @staticmethod
+    async def _read(stream: Stream, read: Callable[[], Awaitable[None]]) -> None:
+        await read()
+        stream.outcome = stream.outcome or "disconnected"
+        if stream.scope is not None:
+            stream.scope.cancel()
+
+    async def _begin(self, stream: Stream, since: int | None) -> None:
+        """Snapshot, or resume from ``since`` with one merged delta when the bus allows."""
+        hub = stream.hub
+        if hub is None:
+            return
+        if since is None:
+            stream.start_over()
+            return
+        with anyio.move_on_after(RESUME_WAIT):
+            await hub.reach(since)
+        messages = None
+        if hub.seq >= since:
+            try:
+                messages = await self.service.bus.since(hub.workspace_id, since)
+            except Exception:
+                log.exception("reading the bus for a resume failed; sending a snapshot")
+        if (messages is None or hub.views_seq >= since
+                or any(m.kind == "views" for m in messages)):
+            stream.start_over(views_dirty=True)
+        else:
+            stream.resume(hub.resume_keys(messages, stream.teammate))
+
