@@ -108,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    from .exceptions import LivecountError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except LivecountError as error:  # bad URL, bad option value: a message, not a traceback
+        parser.exit(2, f"livecount: error: {error}\n")
     return code
 
 

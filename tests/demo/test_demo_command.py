@@ -170,15 +170,32 @@ async def test_ctrl_c_stops_it_gracefully(tmp_path: Path) -> None:
                     if not line.startswith("data: "):
                         continue
                     types.append(json.loads(line[6:])["type"])
-                    if types.count("delta") == 3:
-                        assert process.returncode is None
-                        process.send_signal(signal.SIGINT)
                     if types[-1] == "reconnect":
                         break
+                    if types.count("delta") == 3 and types[-1] == "delta":
+                        assert process.returncode is None
+                        process.send_signal(signal.SIGINT)
     finally:
         with anyio.fail_after(15):
             code, output = await finish(process, started)
     assert types[0] == "snapshot" and types[-1] == "reconnect", types
+    assert code == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert demo_dirs(tmp_path) == []
+
+
+async def test_a_second_ctrl_c_still_stops_the_service_cleanly(tmp_path: Path) -> None:
+    process, started = await start(tmp_path)
+    try:
+        await anyio.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        # Apart, or the two merge into one pending signal; soon, so the second lands while
+        # uvicorn shuts down (it polls should_exit every 0.1 s, then waits 0.1 s more).
+        await anyio.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+    finally:
+        with anyio.fail_after(15):
+            code, output = await finish(process, started)
     assert code == 0, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert demo_dirs(tmp_path) == []

@@ -26,6 +26,7 @@ import anyio
 import httpx
 import uvicorn
 import websockets
+from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 
 from livecount.domain import NOBODY, now_us
@@ -89,6 +90,7 @@ async def stream_server(settings: Settings) -> AsyncIterator[LiveServer]:
 
 def gateway_of(server: LiveServer | uvicorn.Server) -> Gateway:
     app = server.app if isinstance(server, LiveServer) else server.config.app
+    assert isinstance(app, Starlette)
     gateway: Gateway = app.state.gateway
     return gateway
 
@@ -316,7 +318,9 @@ async def sql_counts(server: LiveServer, workspace_id: int,
     store = server.service.store
     views = await store.list_views(workspace_id)
     recount = await store.recount(workspace_id, views, now_us())
-    return render_counts(visible_views(views, teammate), recount.counts, teammate)
+    rendered: dict[str, Any] = render_counts(visible_views(views, teammate), recount.counts,
+                                             teammate)
+    return rendered
 
 
 async def list_lengths(client: httpx.AsyncClient, workspace_id: int, token: str,

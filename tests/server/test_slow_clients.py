@@ -118,9 +118,10 @@ async def test_a_client_that_stops_reading_is_cut_and_others_go_on(
                              "the slow stream to be dropped")
             # the others got every rename and converge
             await quiet(server)
+            last = f"Renamed {renames}"
             for client in (ws, sse):
-                await client.wait_for(lambda m, n=renames: any(
-                    v["name"] == f"Renamed {n}" for v in m.views or []), what="the last rename")
+                await client.wait_for(lambda m: any(v["name"] == last for v in m.views or []),
+                                      what="the last rename")
             await assert_converged(http, [ws, sse])
             assert gateway.connections == 2
         finally:

@@ -22,7 +22,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from livecount.bus.base import BusMessage
+from livecount.bus import BusMessage, MemoryBus
 from livecount.server import hub as hub_module
 from tests.server.stream_support import (
     Model,
@@ -128,9 +128,11 @@ async def assert_converged(http: httpx.AsyncClient, clients: list[StreamClient])
     """Every client's counts == GET /counts of its caller (waiting for the last flush)."""
     for client in clients:
         expected = (await api_counts(http, client.workspace_id, client.token))["counts"]
+        def equal(model: Model, expected: dict[str, Any] = expected) -> bool:
+            return model.counts == expected
+
         try:
-            await client.wait_for(lambda m, e=expected: m.counts == e, within=5,
-                                  what="counts equal to GET /counts")
+            await client.wait_for(equal, within=5, what="counts equal to GET /counts")
         except AssertionError:
             assert client.counts == expected, client.name
         assert client.model.errors == [], client.name
@@ -338,8 +340,9 @@ async def refused(server: LiveServer, kind: str, workspace_id: int, query: str =
     with pytest.raises(websockets.InvalidStatus) as info:
         async with connect(url, additional_headers=headers or {}, proxy=None, open_timeout=5):
             pass
-    response = info.value.response
-    return response.status_code, json.loads(response.body or b"{}")
+    denial = info.value.response
+    body: dict[str, Any] = json.loads(denial.body or b"{}")
+    return denial.status_code, body
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)
@@ -444,7 +447,8 @@ async def test_one_hub_and_one_subscription_per_workspace(server: LiveServer,
     other = await create_tenant(http, server.admin_token, name="Globex", teammates=1, teams=1)
     gateway = gateway_of(server)
     bus = server.service.bus
-    before = bus.subscriber_count()  # type: ignore[attr-defined]
+    assert isinstance(bus, MemoryBus)
+    before = bus.subscriber_count()
     p0, p1, p2 = tenant.people
     async with StreamClient(server, "ws", tenant.id, p0.token) as a, \
             StreamClient(server, "sse", tenant.id, p1.token) as b, \
@@ -454,11 +458,11 @@ async def test_one_hub_and_one_subscription_per_workspace(server: LiveServer,
             await client.wait_for(lambda m: m.seq >= 0)
         assert gateway.connections == 4
         assert gateway.hubs == 2
-        assert bus.subscriber_count() == before + 2  # type: ignore[attr-defined]
+        assert bus.subscriber_count() == before + 2
         hub = gateway.hub(tenant.id)
         assert hub is not None and len(hub.streams) == 3
     await eventually(lambda: gateway.connections == 0 and gateway.hubs == 0
-                     and bus.subscriber_count() == before,  # type: ignore[attr-defined]
+                     and bus.subscriber_count() == before,
                      3, "streams, hubs and their subscriptions to end")
 
 

@@ -210,7 +210,7 @@ async def test_closing_a_conversation_updates_every_teammates_count_within_a_sec
 
     if path := os.environ.get("LIVECOUNT_SCREENSHOT"):  # docs/inbox.png
         await ada.locator("#list-body > tr").nth(1).hover()
-        await ada.screenshot(path=path)
+        await ada.screenshot(path=path, animations="disabled")
 
 
 async def test_a_stale_version_is_reported_and_reloaded(

@@ -155,7 +155,7 @@ async def _demo(options: DemoOptions, url: str, directory: str | None,
 
     def on_signal() -> None:
         if stop.is_set() and server is not None:
-            server.force_exit = True  # a second Ctrl-C: stop waiting for connections
+            server.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
         stop.set()
 
     with _signals(loop, on_signal):
@@ -249,6 +249,10 @@ async def _serve(server: _Server, sock: socket.socket, service: Service, gateway
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await serving
+        if server.force_exit and server.started:
+            # A second Ctrl-C made uvicorn skip the app's shutdown too: run it here, so the
+            # service still stops (relay, store) instead of being cancelled at loop close.
+            await server.lifespan.shutdown()
 
 
 def _print_logins(console: Console, sock: socket.socket, demo: DemoWorkspace,

@@ -100,9 +100,9 @@ class Stream:
     app-level heartbeat).
     """
 
-    __slots__ = ("_hold", "ack", "closing", "hub", "new_views", "outcome", "pending", "ready",
-                 "ready_keys", "resync", "scope", "sending_since", "teammate", "views_dirty",
-                 "wake")
+    __slots__ = ("_hold", "_waiter", "ack", "closing", "hub", "new_views", "outcome", "pending",
+                 "ready", "ready_keys", "resync", "scope", "sending_since", "teammate",
+                 "views_dirty")
 
     #: seconds between app-level heartbeats when idle; None: the transport has its own
     heartbeat: float | None = None
@@ -110,7 +110,8 @@ class Stream:
     def __init__(self, teammate: int | None) -> None:
         self.teammate = teammate
         self.hub: Hub | None = None
-        self.wake = asyncio.Event()
+        # a future only while the writer waits (lighter than an Event: streams are many)
+        self._waiter: asyncio.Future[None] | None = None
         self.pending: set[CounterKey] | None = None
         self.ready: Payload | None = None
         self.ready_keys: frozenset[CounterKey] = frozenset()
@@ -146,12 +147,12 @@ class Stream:
             self.ready = payload()
             self.ready_keys = keys
         else:
-            self.ready = None
+            self._fold()
             if self.pending is None:
                 self.pending = set(keys)
             else:
                 self.pending |= keys
-        self.wake.set()
+        self.wake()
 
     def views_changed(self, new_views: Iterable[int]) -> None:
         """The views this teammate sees changed; ``new_views``: ones it needs full counts of
@@ -164,7 +165,7 @@ class Stream:
             fresh = set(new_views)
             if fresh:
                 self.new_views = fresh if self.new_views is None else self.new_views | fresh
-        self.wake.set()
+        self.wake()
 
     def start_over(self, views_dirty: bool = False) -> None:
         """Forget what is pending: the next message is a snapshot (after the view list when
@@ -178,7 +179,7 @@ class Stream:
         self.pending = self.new_views = None
         self.ready = None
         self.ready_keys = frozenset()
-        self.wake.set()
+        self.wake()
 
     def resume(self, keys: Iterable[CounterKey]) -> None:
         """Answer a resume: ONE delta with the current value of ``keys`` (and of anything
@@ -187,7 +188,7 @@ class Stream:
         self.ack = True
         self._fold()
         self.pending = set(keys) if self.pending is None else self.pending.union(keys)
-        self.wake.set()
+        self.wake()
 
     def close(self, payload: Payload) -> None:
         """Send ``payload`` (a reconnect) next, then end; nothing else is sent."""
@@ -195,7 +196,7 @@ class Stream:
             self.closing = payload
             self.pending = self.new_views = None
             self.ready = None
-            self.wake.set()
+            self.wake()
 
     def kick(self, outcome: str) -> None:
         """End the stream now, from outside its task (slow client, drain timeout)."""
@@ -203,6 +204,12 @@ class Stream:
             self.outcome = outcome
         if self.scope is not None:
             self.scope.cancel()
+
+    def wake(self) -> None:
+        """Make the writer look at the state again (it takes everything there is)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _fold(self) -> None:
         if self.ready is not None:
@@ -261,12 +268,16 @@ class Stream:
         while True:
             payloads = self.take()
             if not payloads:
-                self.wake.clear()
-                if self.heartbeat is None:
-                    await self.wake.wait()
-                    continue
-                with anyio.move_on_after(self.heartbeat) as idle:
-                    await self.wake.wait()
+                # no await between take() and here: no wake-up can be missed
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    if self.heartbeat is None:
+                        await self._waiter
+                        continue
+                    with anyio.move_on_after(self.heartbeat) as idle:
+                        await self._waiter
+                finally:
+                    self._waiter = None
                 if idle.cancelled_caught:
                     await self._timed(self.ping())
                 continue
