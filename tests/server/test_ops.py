@@ -98,6 +98,8 @@ async def test_metrics(live_server: LiveServer, client: httpx.AsyncClient,
     assert value("livecount_outbox_lag_entries") == 0
     assert value("livecount_drift_repaired_total") == 0
     assert value("livecount_stream_connections") == 0
+    assert value("livecount_stream_opened_total") == 0
+    assert value("livecount_stream_slow_clients_total") == 0
     assert value("livecount_process_threads") >= 1
     assert value("livecount_process_resident_memory_bytes") > 10 << 20
     assert value("livecount_process_open_fds") > 3
@@ -173,3 +175,18 @@ async def test_livecount_serve(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+async def test_metrics_count_open_streams(live_server: LiveServer, client: httpx.AsyncClient,
+                                          tenant: Tenant) -> None:
+    if live_server.app.state.gateway is None:
+        pytest.skip("no stream gateway")
+    url = tenant.url("/stream")
+    async with client.stream("GET", url, headers=tenant.people[0].headers) as stream:
+        assert stream.status_code == 200
+        async for line in stream.aiter_lines():
+            if line.startswith("data:"):
+                break  # the snapshot: the stream is open
+        found = samples((await client.get("/metrics")).text)
+        assert found[("livecount_stream_connections", ())] == 1
+        assert found[("livecount_stream_opened_total", ())] == 1

@@ -380,6 +380,16 @@ async def test_sse_refuses_a_malformed_last_event_id(server: LiveServer,
     assert (status, body["error"]["code"]) == (400, "invalid")
 
 
+async def test_sse_head_answers_headers_only(server: LiveServer, http: httpx.AsyncClient,
+                                            tenant: Tenant) -> None:
+    response = await http.head(tenant.url("/stream"), headers=tenant.people[0].headers)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b""
+    assert (await http.head(tenant.url("/stream"))).status_code == 401
+    assert gateway_of(server).connections == 0
+
+
 # -- drain -------------------------------------------------------------------------------------
 
 

@@ -77,14 +77,17 @@ class Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
-        self.app = app
+        self._livecount_app = app
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await drain(self.app)
+        await drain(self._livecount_app)
         await super().shutdown(sockets)
 
 
 def create_app(settings: Settings) -> Starlette:
+    """The app for ``settings``; ``app.state`` holds its ``service``, ``gateway`` (None
+    without the stream module), ``metrics``, the ``draining`` flag and the count of
+    ``internal_errors`` (requests that reached the 500 handler: each one is a bug)."""
     service = Service(settings)
     gateway = _gateway(service)
     metrics = Metrics()

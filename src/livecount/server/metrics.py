@@ -30,6 +30,9 @@ _LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: name → (kind, help) of the figures read at scrape time.
 _LIVE: Final[dict[str, tuple[str, str]]] = {
     "livecount_stream_connections": ("gauge", "Open WebSocket and SSE stream connections."),
+    "livecount_stream_opened": ("counter", "Stream connections opened."),
+    "livecount_stream_slow_clients": ("counter", "Streams closed because the client could "
+                                      "not keep up."),
     "livecount_relay_entries_applied": ("counter", "Outbox entries the relay has applied."),
     "livecount_relay_errors": ("counter", "Relay steps that failed (and were retried)."),
     "livecount_outbox_lag_entries": ("gauge", "Outbox entries committed, not yet applied."),
@@ -91,6 +94,8 @@ class Metrics:
             connections = len(connections)
         values: dict[str, float] = {
             "livecount_stream_connections": connections,
+            "livecount_stream_opened": getattr(gateway, "opened", 0),
+            "livecount_stream_slow_clients": getattr(gateway, "slow_clients", 0),
             "livecount_relay_entries_applied": relay.entries_applied,
             "livecount_relay_errors": relay.errors,
             "livecount_drift_repaired": relay.drift_repaired,

@@ -207,10 +207,7 @@ def python_counts(images: Iterable[Image], views: Sequence[View], now: int) -> C
                 if predicate(image, teammate, now) != seen:
                     for group in groups:
                         adjustments[group, teammate] += -1 if seen else 1
-        if field is None:
-            counts[view.id, None, None] = base[None]
-        else:
-            counts.update(((view.id, g, None), n) for g, n in base.items() if n)
+        counts.update(((view.id, g, None), n) for g, n in base.items() if n)
         counts.update(((view.id, g, t), n) for (g, t), n in adjustments.items() if n)
     return counts
 
