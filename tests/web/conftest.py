@@ -28,7 +28,6 @@ from starlette.applications import Starlette
 from livecount.server import create_app
 from livecount.server.gateway import uvicorn_options
 from livecount.service import Settings
-from livecount.web import web_routes
 
 __all__: list[str] = []
 
@@ -57,14 +56,6 @@ def _free_port() -> int:
         return port
 
 
-def build_app(settings: Settings) -> Starlette:
-    """``create_app`` with the page mounted (done here until ``create_app`` mounts it)."""
-    app = create_app(settings)
-    if not any(getattr(route, "path", None) == "/" for route in app.routes):
-        app.router.routes.extend(web_routes())
-    return app
-
-
 @dataclass
 class WebServer:
     """A livecount server on a fixed port that a test can stop and start again."""
@@ -86,7 +77,7 @@ class WebServer:
 
     async def start(self) -> None:
         assert self._task is None, "already running"
-        self.app = build_app(self.settings)
+        self.app = create_app(self.settings)  # serves the page at / too
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on",
                                 log_level="warning", log_config=None,
                                 timeout_graceful_shutdown=5,

@@ -143,7 +143,8 @@ class Stream:
         connection of the same teammate."""
         if self.resync or self.closing is not None:
             return  # the snapshot (or nothing) that comes next covers them
-        if self.ready is None and not self.pending and not self.views_dirty and not self._hold:
+        if (self.ready is None and not self.pending and not self.views_dirty
+                and not self._hold and not self.ack):
             self.ready = payload()
             self.ready_keys = keys
         else:
