@@ -43,7 +43,9 @@ class CounterState(Protocol):
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None) -> Update:
         """Set the counters of ``view_ids`` (all when None) to ``counts``: what a recount
-        found. Counters of those views absent from ``counts`` become 0."""
+        found. Counters of those views absent from ``counts`` become 0. Always advances the
+        seq, even when no counter changed: it marks a change of views, which a client
+        resuming from an earlier seq must learn about."""
         ...
 
     async def drop_views(self, workspace_id: int, view_ids: Iterable[int],

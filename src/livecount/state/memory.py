@@ -67,7 +67,7 @@ class MemoryState:
             if value and ws.counts.get(key) != value:
                 ws.counts[key] = value
                 changed[key] = value
-        return self._commit(ws, changed, position)
+        return self._commit(ws, changed, position, bump=True)
 
     async def drop_views(self, workspace_id: int, view_ids: Iterable[int],
                          position: int) -> Update:
@@ -78,9 +78,9 @@ class MemoryState:
         return StateSnapshot(ws.seq, ws.position, dict(ws.counts))
 
     @staticmethod
-    def _commit(ws: _Workspace, changed: Counts, position: int) -> Update:
+    def _commit(ws: _Workspace, changed: Counts, position: int, bump: bool = False) -> Update:
         ws.position = max(ws.position, position)
-        if changed:
+        if changed or bump:
             ws.seq += 1
         return Update(ws.seq, changed)
 
