@@ -29,13 +29,12 @@ from typing import Any
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import make_workload  # noqa: E402
-
-from livecount.engine import Engine  # noqa: E402
-from livecount.filters.sql import register_sqlite_functions  # noqa: E402
-from livecount.store.queries import recount  # noqa: E402
-from livecount.store.rows import insert_image, update_image  # noqa: E402
-from livecount.store.schema import metadata  # noqa: E402
+from livecount.engine import Engine
+from livecount.filters.sql import register_sqlite_functions
+from livecount.store.queries import recount
+from livecount.store.rows import insert_image, update_image
+from livecount.store.schema import metadata
+from workload import make_workload
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -26,7 +26,7 @@ from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
 from .exceptions import LivecountError, NotFound, PreconditionFailed
-from .schedule import FlipSchedule, ReopenSchedule
+from .schedule import FlipSchedule, ReopenSchedule, Timer
 from .state.base import CounterState
 from .store.base import Counts, OutboxEntry, Store, View
 
@@ -43,6 +43,7 @@ class _Pending:
     view: View
     counts: Counts
     images: list[Image]  # the snapshot's, kept only for a time-dependent view's flips
+    counted_at: int  # the clock the counts were evaluated at
 
 
 @dataclass
@@ -57,10 +58,11 @@ class _Workspace:
         maxlen=HISTORY))
     floor: int = 0  # position of the newest history record evicted
     flips: FlipSchedule = field(default_factory=FlipSchedule)
-    timers: frozenset[tuple[str, int]] = frozenset()
+    timers: tuple[Timer, ...] = ()
 
     def retime(self) -> None:
-        self.timers = frozenset().union(*(v.timers for v in self.engine.views.values()))
+        self.timers = tuple((v.id, name, span) for v in self.engine.views.values()
+                            for name, span in v.timers)
 
     def version(self, conversation_id: int) -> int:
         return self.engine.versions.get(conversation_id, 0)
@@ -245,8 +247,8 @@ class Relay:
         for workspace_id, ws in self._workspaces.items():
             if not len(ws.flips):
                 continue
-            for instant, image in ws.flips.due(now, ws.version):
-                deltas = ws.engine.clock_deltas(image, instant - 1, instant)
+            for instant, image, view_ids in ws.flips.due(now, ws.version):
+                deltas = ws.engine.clock_deltas(image, instant - 1, instant, view_ids)
                 if deltas:
                     ws.remember(self.position, deltas)
                     acc = pending.setdefault(workspace_id, {})
@@ -316,7 +318,7 @@ class Relay:
         counts = scratch.count(snapshot.conversations, now)
         timed = scratch.views[view_id].timed
         ws.pending[view_id] = _Pending(snapshot.position, view, counts,
-                                       snapshot.conversations if timed else [])
+                                       snapshot.conversations if timed else [], now)
 
     async def _install_due(self, workspace_id: int | None, before: int | None = None) -> None:
         """Install recounted views whose snapshot position the relay has reached."""
@@ -332,10 +334,11 @@ class Relay:
                 compiled = ws.engine.set_view(pending.view)
                 ws.installed_at[view_id] = pending.position
                 ws.retime()
-                now = self.clock()
+                timers = [(view_id, name, span) for name, span in compiled.timers]
                 for image in pending.images:  # the snapshot is the engine's state right here
                     if ws.version(image.id) == image.version:
-                        ws.flips.watch(image, compiled.timers, now)
+                        # flips since the counts were taken are due at once
+                        ws.flips.watch(image, timers, pending.counted_at)
                 await self._replace(wid, ws, pending.counts, pending.position, [view_id])
 
     async def _replace(self, workspace_id: int, ws: _Workspace, counts: Counts, position: int,

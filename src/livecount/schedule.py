@@ -22,41 +22,59 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .domain import Image
 
-__all__ = ["FlipSchedule", "ReopenSchedule"]
+__all__ = ["FlipSchedule", "ReopenSchedule", "Timer"]
 
 _order = itertools.count()
 
 
+Timer = tuple[int, str, int]  # (view id, timestamp field, span µs)
+
+
 class FlipSchedule:
-    """Pending membership flips of one workspace's conversations."""
+    """Pending membership flips of one workspace's conversations.
+
+    An entry names the views it concerns, so a view installed later can schedule the flips
+    of existing conversations without making other views re-evaluate an instant they have
+    already passed; entries for the same (conversation, version, instant) are merged.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, Image]] = []
+        self._heap: list[tuple[int, int, Image, frozenset[int]]] = []
         self._compacted_at = 64
 
     def __len__(self) -> int:
         return len(self._heap)
 
-    def watch(self, image: Image, timers: Iterable[tuple[str, int]], now: int) -> None:
-        """Schedule the instants after ``now`` at which ``image`` may flip (each once)."""
-        instants = set()
-        for name, span in timers:
+    def watch(self, image: Image, timers: Iterable[Timer], now: int) -> None:
+        """Schedule the instants after ``now`` at which ``image`` may flip, per view."""
+        instants: dict[int, set[int]] = {}
+        for view_id, name, span in timers:
             stamp = getattr(image, name)
             if stamp is not None and stamp + span > now:
-                instants.add(stamp + span)
-        for instant in instants:
-            heapq.heappush(self._heap, (instant, next(_order), image))
+                instants.setdefault(stamp + span, set()).add(view_id)
+        for instant, views in instants.items():
+            heapq.heappush(self._heap, (instant, next(_order), image, frozenset(views)))
 
     def next_instant(self) -> int | None:
         return self._heap[0][0] if self._heap else None
 
-    def due(self, now: int, current: Callable[[int], int]) -> Iterator[tuple[int, Image]]:
-        """Pop the flips due by ``now`` whose image is still the current version."""
+    def due(self, now: int, current: Callable[[int], int]
+            ) -> Iterator[tuple[int, Image, frozenset[int]]]:
+        """Pop the flips due by ``now`` whose image is still the current version, in instant
+        order, merged per (conversation, instant)."""
         heap = self._heap
+        merged: dict[tuple[int, int, int], tuple[Image, set[int]]] = {}
         while heap and heap[0][0] <= now:
-            instant, _, image = heapq.heappop(heap)
-            if current(image.id) == image.version:
-                yield instant, image
+            instant, _, image, views = heapq.heappop(heap)
+            if current(image.id) != image.version:
+                continue
+            key = (instant, image.id, image.version)
+            if key in merged:
+                merged[key][1].update(views)
+            else:
+                merged[key] = (image, set(views))
+        for (instant, _, _), (image, views) in merged.items():
+            yield instant, image, frozenset(views)
 
     def compact(self, current: Callable[[int], int]) -> None:
         """Drop superseded entries once the heap has doubled since the last compaction."""

@@ -8,13 +8,13 @@ from typing import Any
 import msgspec
 import pytest
 from hypothesis import given
-from tests.strategies import NOW, filters, images
 
 from livecount.domain import NOBODY, Image
 from livecount.exceptions import ValidationError
 from livecount.filters.parse import OPS_BY_KIND, parse_filter
 from livecount.filters.predicate import compile_predicate
 from livecount.filters.tree import NEGATIONS, Comparison, Node, Not
+from tests.strategies import NOW, filters, images
 
 HOUR = 3_600_000_000
 BASE = Image(id=1, workspace_id=1, version=1, state="open", assignee_id=None, team_id=None,

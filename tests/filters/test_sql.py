@@ -13,16 +13,6 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Connection
-from tests.strategies import (
-    ALPHABET,
-    NEEDLES,
-    NOW,
-    TIMESTAMPS,
-    filters,
-    image_lists,
-    images,
-    views,
-)
 
 from livecount.domain import NOBODY, FieldKind, Image, format_timestamp, image_groups, lower
 from livecount.exceptions import ValidationError
@@ -46,6 +36,16 @@ from livecount.store.schema import (
     conversation_people,
     conversation_tags,
     conversations,
+)
+from tests.strategies import (
+    ALPHABET,
+    NEEDLES,
+    NOW,
+    TIMESTAMPS,
+    filters,
+    image_lists,
+    images,
+    views,
 )
 
 VIEWERS = (NOBODY, 1, 2, 3, 4, 5, 6)

@@ -130,11 +130,12 @@ class Engine:
         self._evaluate(candidates, before, after, now, now, out)
         return out
 
-    def clock_deltas(self, image: Image, earlier: int, later: int) -> list[Delta]:
-        """Deltas of the time-dependent views for one unchanged image as the clock moves
+    def clock_deltas(self, image: Image, earlier: int, later: int,
+                     view_ids: Iterable[int]) -> list[Delta]:
+        """Deltas of some time-dependent views for one unchanged image as the clock moves
         from ``earlier`` to ``later`` (``older_than``/``newer_than`` flips)."""
         out: list[Delta] = []
-        timed = [v for v in self.views.values() if v.timed]
+        timed = [v for i in view_ids if (v := self.views.get(i)) is not None and v.timed]
         for view in timed:
             view.side = 3
         self._evaluate(timed, image, image, earlier, later, out)
