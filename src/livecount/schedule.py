@@ -73,8 +73,8 @@ class FlipSchedule:
                 merged[key][1].update(views)
             else:
                 merged[key] = (image, set(views))
-        for (instant, _, _), (image, views) in merged.items():
-            yield instant, image, frozenset(views)
+        for (instant, _, _), (image, view_set) in merged.items():
+            yield instant, image, frozenset(view_set)
 
     def compact(self, current: Callable[[int], int]) -> None:
         """Drop superseded entries once the heap has doubled since the last compaction."""

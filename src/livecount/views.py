@@ -32,7 +32,9 @@ def render_counts(views: Iterable[View], counts: Counts, teammate: int | None) -
             continue
         key = str(vid)
         if group is None:
-            out[key] = int(out[key]) + n  # type: ignore[call-overload]
+            total = out[key]
+            assert isinstance(total, int)
+            out[key] = total + n
         else:
             groups = out[key]
             assert isinstance(groups, dict)

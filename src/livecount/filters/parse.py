@@ -216,7 +216,8 @@ def _span(value: Any, path: str) -> int:
         raise ValidationError(f"expected a number of seconds, got {type_name(value)}", path)
     if not 0 <= value <= _MAX_SPAN_SECONDS:
         raise ValidationError(f"seconds must lie between 0 and {_MAX_SPAN_SECONDS}", path)
-    return round(value * 1_000_000)
+    span: int = round(value * 1_000_000)
+    return span
 
 
 def _scalar(name: str, kind: FieldKind, op: str, value: Any, path: str) -> Any:
