@@ -453,7 +453,7 @@ async def test_routing_errors_have_the_error_shape(client: httpx.AsyncClient,
                          "multipart/form-data; boundary=x"):
         response = await client.post(tenant.url("/conversations"), content=b"{}",
                                      headers={**ann, "Content-Type": content_type})
-        assert_error(response, 415, "unsupported_media_type")
+        assert_error(response, 400, "unsupported_media_type")
     response = await client.post(tenant.url("/conversations"), content=b"{}",
                                  headers={**ann, "Content-Type": "application/json; charset=utf-8"})
     assert response.status_code == 201

@@ -32,7 +32,9 @@ class InvalidJSON(ValidationError):
 
 
 class UnsupportedMediaType(LivecountError):
-    status = 415
+    """A body that is not JSON. 400, not 415: DESIGN §5 lists the statuses clients handle."""
+
+    status = 400
     code = "unsupported_media_type"
 
 
@@ -95,7 +97,7 @@ async def _drain(receive: Receive) -> None:
 
 
 async def read_json(request: Request) -> Any:
-    """The request's JSON body, decoded; 415 for another media type, 400 for bad JSON.
+    """The request's JSON body, decoded; 400 for another media type or bad JSON.
 
     A missing ``Content-Type`` is taken as JSON; ``application/json``,
     ``application/merge-patch+json`` and any ``+json`` type are accepted.

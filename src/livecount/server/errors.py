@@ -42,7 +42,6 @@ CODES: Final[dict[int, str]] = {
     409: "conflict",
     412: "version_mismatch",
     413: "payload_too_large",
-    415: "unsupported_media_type",
     422: "unprocessable",
     429: "too_many_requests",
     500: "internal",

@@ -22,8 +22,9 @@ from .views_api import DEFAULT_LIMIT
 __all__ = ["document", "routes"]
 
 _ERROR_TEXT: Final[dict[int, str]] = {
-    400: "Bad input: malformed JSON, a wrong type, an unknown or read-only field, a bad "
-         "filter (the message names the offending path), a bad query parameter.",
+    400: "Bad input: malformed JSON, a body that is not JSON, a wrong type, an unknown or "
+         "read-only field, a bad filter (the message names the offending path), a bad query "
+         "parameter.",
     401: "Missing or unknown bearer token.",
     403: "The token gives no access to this workspace, or the endpoint needs the admin "
          "token.",
@@ -33,10 +34,9 @@ _ERROR_TEXT: Final[dict[int, str]] = {
     409: "Conflict: a teammate with this email exists, or a concurrent change; retry.",
     412: "If-Match named a version that is not the current one.",
     413: "The request body is larger than 1 MiB.",
-    415: "The request body is not JSON (Content-Type).",
     503: "Draining, or above the soft memory watermark.",
 }
-_WRITE_ERRORS: Final = (400, 401, 403, 404, 405, 413, 415)
+_WRITE_ERRORS: Final = (400, 401, 403, 404, 405, 413)
 _READ_ERRORS: Final = (400, 401, 403, 404, 405)
 
 
