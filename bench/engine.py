@@ -117,7 +117,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run for a smoke test")
-    parser.add_argument("--changes", type=int, default=200_000)
+    parser.add_argument("--changes", type=int, default=100_000)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     from rich.console import Console
