@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
@@ -34,6 +34,7 @@ __all__ = ["Reconciliation", "Relay"]
 
 log = logging.getLogger("livecount.relay")
 
+#: Most changes a workspace records while a reconcile runs (it then asks for a retry).
 HISTORY: Final = 10_000
 
 
@@ -56,7 +57,8 @@ class _Workspace:
     pending: dict[int, _Pending] = field(default_factory=dict)  # view id → install
     history: deque[tuple[int, list[Delta]]] = field(default_factory=lambda: deque(
         maxlen=HISTORY))
-    floor: int = 0  # position of the newest history record evicted
+    floor: int = 0  # position of the newest history record evicted (or not recorded)
+    recording: int = 0  # reconciles in progress: history is only kept while one runs
     flips: FlipSchedule = field(default_factory=FlipSchedule)
     timers: tuple[Timer, ...] = ()
 
@@ -68,6 +70,8 @@ class _Workspace:
         return self.engine.versions.get(conversation_id, 0)
 
     def remember(self, position: int, deltas: list[Delta]) -> None:
+        if not self.recording:
+            return
         if len(self.history) == self.history.maxlen:
             self.floor = self.history[0][0]
         self.history.append((position, deltas))
@@ -365,6 +369,19 @@ class Relay:
             if ws is None:
                 ws = await self._rebuild(workspace_id)
             compiled = list(ws.engine.views.values())
+            if not ws.recording:  # record every change after this point (all are > Q)
+                ws.history.clear()
+                ws.floor = self.position
+            ws.recording += 1
+        try:
+            return await self._reconcile(workspace_id, ws, compiled, repair, started)
+        finally:
+            ws.recording -= 1
+            if not ws.recording:
+                ws.history.clear()
+
+    async def _reconcile(self, workspace_id: int, ws: _Workspace, compiled: list[Any],
+                         repair: bool, started: float) -> Reconciliation:
         now = self.clock()
         recount = await self.store.recount(workspace_id, [c.view for c in compiled], now)
         while self.position < recount.position:
