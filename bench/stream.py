@@ -1081,7 +1081,7 @@ def _serve_livecount(config: dict[str, Any]) -> None:
     uvicorn_config = uvicorn.Config(app, host="127.0.0.1", port=config["port"], lifespan="on",
                                     log_level="warning", timeout_graceful_shutdown=10,
                                     **server_options(settings))
-    Server(uvicorn_config, app).run()
+    Server(uvicorn_config, app, tune_gc=True).run()
 
 
 def _child_main(argv: list[str]) -> None:

@@ -34,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
                             log_level=args.log_level, timeout_graceful_shutdown=10,
                             **server_options(settings))
-    Server(config, app).run()
+    Server(config, app, tune_gc=True).run()
     return 0
 
 

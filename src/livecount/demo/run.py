@@ -178,7 +178,7 @@ async def _demo(options: DemoOptions, url: str, directory: str | None,
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                     timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
                                     **server_options(settings))
-            server = _Server(config, app)
+            server = _Server(config, app, tune_gc=True)
             gateway = getattr(app.state, "gateway", None)
             return await _serve(server, sock, app.state.service, gateway, demo, admin_token,
                                 options, stop, console)
