@@ -347,7 +347,8 @@ class Relay:
 
     async def _replace(self, workspace_id: int, ws: _Workspace, counts: Counts, position: int,
                        view_ids: list[int]) -> None:
-        old = (await self.state.snapshot(workspace_id)).counts
+        # The old values are only needed for a reconcile's history: copy the state only then.
+        old = (await self.state.snapshot(workspace_id)).counts if ws.recording else {}
         update = await self.state.replace(workspace_id, counts, position, view_ids)
         ws.remember(position, [(k[0], k[1], k[2], v - old.get(k, 0))
                                for k, v in update.changed.items()])

@@ -21,10 +21,11 @@ from livecount.exceptions import (
     NotFound,
     PreconditionFailed,
     StoreError,
+    Unavailable,
     ValidationError,
 )
 from livecount.filters.parse import parse_filter
-from livecount.store import Store, open_store
+from livecount.store import Store, open_store, sqlstore
 from livecount.store.base import View
 from livecount.store.schema import teammates
 from livecount.store.seed import FOLDERS
@@ -77,6 +78,22 @@ async def test_threads_stay_bounded_under_load(store: SQLiteStore, world: World)
     await asyncio.gather(*(work(i) for i in range(200)))
     assert len(seen) <= 3
     assert len(store_threads()) <= 3
+
+
+async def test_calls_waiting_for_the_store_are_bounded(store: SQLiteStore, world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the bound a call is refused at once (503) rather than queued without end; the
+    calls already queued still complete, and nothing was half-written."""
+    monkeypatch.setattr(sqlstore, "MAX_PENDING_CALLS", 10)
+    results = await asyncio.gather(
+        *(store.create_conversation(world.home.id, {}, None) for _ in range(40)),
+        return_exceptions=True)
+    refused = [r for r in results if isinstance(r, Unavailable)]
+    made = [r for r in results if not isinstance(r, BaseException)]
+    assert refused and len(made) >= 10 and len(refused) + len(made) == 40
+    page = await store.snapshot(world.home.id)
+    assert len([c for c in page.conversations if c.id in {m.id for m in made}]) == len(made)
+    await store.create_conversation(world.home.id, {}, None)  # and it recovers
 
 
 async def test_every_method_refuses_before_open_and_after_close(db_url: str) -> None:

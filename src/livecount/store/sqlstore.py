@@ -33,6 +33,7 @@ from ..exceptions import (
     NotFound,
     PreconditionFailed,
     StoreError,
+    Unavailable,
     ValidationError,
 )
 from ..filters.parse import parse_filter
@@ -66,6 +67,9 @@ MAX_VIEWS: Final = 1000
 MAX_NAME: Final = 200
 MAX_TEAM_MEMBERS: Final = 10_000
 MAX_OUTBOX_BATCH: Final = 10_000
+#: Calls waiting for the store's threads at once; past it a call is refused (503) at once
+#: instead of growing the executors' queues without bound under overload.
+MAX_PENDING_CALLS: Final = 2048
 _MAX_ID: Final = 2**63 - 1
 _MAX_POSITION: Final = 2**31 - 1
 _TOKEN_PREFIX: Final = "lc_"
@@ -236,6 +240,9 @@ class SQLStore:
         return self._engine, self._writer, self._readers
 
     async def _call(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        if len(self._pending) >= MAX_PENDING_CALLS:
+            raise Unavailable(f"the store is overloaded ({MAX_PENDING_CALLS} calls waiting); "
+                              "retry shortly")
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         self._pending.add(future)
         try:
