@@ -111,7 +111,8 @@ async def test_reconcile_finds_and_repairs_drift(store: Store) -> None:
         await relay.sync()
         subscription = bus.subscribe(ws)
         all_view = next(v for v in relay.views(ws) if v.name == "All")
-        await state.apply(ws, {(all_view.id, None, None): 3, (1, None, people[2]): -1}, 0)
+        at = await state.position(ws)  # corrupt the counters behind the relay's back
+        await state.apply(ws, {(all_view.id, None, None): 3, (1, None, people[2]): -1}, at, at)
         result = await relay.reconcile(ws)
         assert result.drift == {(all_view.id, None, None): -3, (1, None, people[2]): 1}
         message = await anext(aiter(subscription))
@@ -136,11 +137,11 @@ class CrashingState(MemoryState):
         self.calls = 0
         self.fail_at = fail_at
 
-    async def apply(self, workspace_id: int, deltas: Any, position: int) -> Any:
+    async def apply(self, workspace_id: int, deltas: Any, position: int, expect: int) -> Any:
         self.calls += 1
         if self.calls == self.fail_at:
             raise Crash
-        return await super().apply(workspace_id, deltas, position)
+        return await super().apply(workspace_id, deltas, position, expect)
 
 
 @settings(deadline=None, max_examples=25,

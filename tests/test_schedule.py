@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from livecount.bus import MemoryBus
 from livecount.domain import format_timestamp, now_us
 from livecount.relay import Relay
-from livecount.schedule import FlipSchedule
+from livecount.schedule import FlipSchedule, KeyedHeap, ReopenSchedule
 from livecount.state import MemoryState
 from livecount.store import open_store
 from livecount.store.base import Store
+from tests.strategies import NOW, conversation_bodies, filters, patches
+from tests.test_relay import remap, tenant
 
 pytestmark = pytest.mark.anyio
 
@@ -104,36 +109,73 @@ async def test_a_changed_conversation_keeps_its_new_snooze(
     assert current.state == "snoozed" and current.version == image.version + 1
 
 
-def test_flip_schedule_skips_superseded_versions_and_compacts() -> None:
+def test_flip_schedule_holds_one_entry_per_conversation() -> None:
     from livecount.conversations import apply_patch, new_image, validate_body
 
     schedule = FlipSchedule()
     image = new_image(1, 1, validate_body({"waiting_since": "2024-01-01T00:00:00Z"},
                                           patch=False), None, 0)
     timers = {(7, "waiting_since", 10), (7, "waiting_since", 20), (8, "waiting_since", 10)}
-    current = {1: 1}
     schedule.watch(image, timers, 0)
     for version in range(2, 400):
         image = apply_patch(image, validate_body({"priority": version % 2 == 0}, patch=True), 0)
-        current[1] = image.version
         schedule.watch(image, timers, 0)
-        schedule.compact(current.__getitem__)
-    assert len(schedule) < 300  # superseded entries are dropped, not kept forever
-    schedule.watch(image, {(9, "waiting_since", 10)}, 0)  # a view installed later
-    due = list(schedule.due(1 << 62, current.__getitem__))
-    assert [(i.version, views) for _, i, views in due] == [
-        (current[1], {7, 8, 9}), (current[1], {7})]
+        assert len(schedule) == 1  # superseded at once, not when due
+    schedule.extend(image, {(9, "waiting_since", 10)}, 0)  # a view installed later
+    due = schedule.due(1 << 62)
+    assert [(i.version, [(t - image.waiting_since, set(v)) for t, v in flips])
+            for i, flips in due] == [(image.version, [(10, {7, 8, 9}), (20, {7})])]
+    assert len(schedule) == 1  # reading what is due removes nothing
+    schedule.consume(image, image.waiting_since + 10)
+    assert [[t - image.waiting_since for t, _ in flips] for _, flips in schedule.due(1 << 62)
+            ] == [[20]]
+    schedule.watch(apply_patch(image, validate_body({"waiting_since": None}, patch=True), 0),
+                   timers, 0)
+    assert len(schedule) == 0  # no instant ahead: no entry
+
+
+def test_reopen_schedule_replaces_and_drops_at_once() -> None:
+    from livecount.conversations import apply_patch, new_image, validate_body
+
+    schedule = ReopenSchedule()
+    image = new_image(5, 2, validate_body({"state": "snoozed",
+                                           "snoozed_until": "2030-01-01T00:00:00Z"},
+                                          patch=False), None, 0)
+    for _ in range(2000):
+        image = apply_patch(image, validate_body({"priority": not image.priority},
+                                                 patch=True), 0)
+        schedule.watch(image)
+    assert len(schedule) == 1
+    assert schedule.due(1 << 62, 10) == [(2, 5, image.version)]
+    schedule.done(2, 5, image.version - 1)  # an older version's write: keeps the current one
+    assert len(schedule) == 1
+    schedule.done(2, 5, image.version)
+    assert len(schedule) == 0
+    schedule.watch(image)
+    schedule.watch(apply_patch(image, validate_body({"state": "open"}, patch=True), 0))
+    assert len(schedule) == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from(["set", "remove"]), st.integers(0, 30),
+                          st.integers(0, 100)), max_size=200), st.integers(-1, 101))
+def test_keyed_heap_matches_a_dict(ops: list[tuple[str, int, int]], until: int) -> None:
+    heap: KeyedHeap[int, int] = KeyedHeap()
+    model: dict[int, int] = {}
+    for op, key, priority in ops:
+        if op == "set":
+            heap.set(key, priority, -priority)
+            model[key] = priority
+        else:
+            heap.remove(key)
+            model.pop(key, None)
+        assert len(heap) == len(model)
+        assert heap.peek() == (min(model.values()) if model else None)
+    assert sorted((p, k) for p, k, _ in heap.due(until)) == sorted(
+        (p, k) for k, p in model.items() if p <= until)
 
 
 # -- differential: engine + flips vs SQL at every instant of a fake clock ---------------------
 
-from typing import Any  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tests.strategies import NOW, conversation_bodies, filters, patches  # noqa: E402
-from tests.test_relay import remap, tenant  # noqa: E402
 
 _SPANS = (0, 1800, 3600, 86400)
 _STEPS_US = (0, 1, 1_800_000_000, 3_600_000_000, 86_400_000_000)

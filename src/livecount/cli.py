@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.app import Server, create_app, server_options
+    from .server.logs import install_redaction
     from .service import Settings
 
     settings = Settings(store_url=args.store, broker_url=args.broker,
@@ -34,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
                             log_level=args.log_level, timeout_graceful_shutdown=10,
                             **server_options(settings))
+    install_redaction()  # after Config (it sets up uvicorn's handlers): no token in any log
     Server(config, app, tune_gc=True).run()
     return 0
 

@@ -82,8 +82,20 @@ class PayloadTooLarge(LivecountError):
 
 
 class Unavailable(LivecountError):
+    """Try again later: overload, draining, a busy (locked) or unreachable database.
+
+    The API answers 503 with ``Retry-After: <retry_after>`` (whole seconds).
+    """
+
     status = 503
     code = "unavailable"
+    #: Seconds a client should wait before retrying (the ``Retry-After`` header).
+    retry_after: int = 1
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None:
+            self.retry_after = max(0, int(retry_after))
 
 
 class StoreError(LivecountError):

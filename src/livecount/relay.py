@@ -1,14 +1,32 @@
 """The relay: outbox (commit order) → engine → counter state → bus.
 
-One asyncio task reads the store's outbox after the position it has reached, turns each
-conversation change into count deltas with the workspace's :class:`Engine`, applies them to
-the counter state with the position they reflect, and publishes the changed counters on the
-bus. It wakes on the store's commit callback and polls as a fallback.
+One asyncio task reads the store's outbox after the position it has reached and, per
+workspace, turns the entries into count deltas with the workspace's :class:`Engine`.
 
-Start-up and new views come from recounts over a consistent snapshot: the snapshot's outbox
-position says which entries it already contains (they are skipped), so nothing is counted
-twice or missed. A recounted view is installed exactly when the relay reaches the snapshot's
-position.
+**Atomic apply.** Each workspace's share of a step is first computed without changing
+anything (a :class:`_Plan`: the deltas of its entries and of the time-driven flips now due,
+and the position it leads to), then committed to the counter state in one atomic call that
+checks the position the plan was computed against, and only then reflected in the relay's
+memory (schedules, the position) by code that cannot fail (no await). So an exception at any
+await leaves the engine, the state and the schedules as before the step, and the retry
+recomputes the same thing. A plan whose commit raised is kept and sent again as it is: if
+the first attempt had landed after all, the state recognises it as a duplicate. Idempotence
+is by outbox position (entries are applied in order), so no per-conversation version map is
+kept.
+
+**Publishing** happens after the commit; a message the bus refused is retried at the next
+step, in order, and a backlog that keeps failing collapses into one ``reset`` message (readers
+then reload the state). Readers also reload on a seq gap or another epoch.
+
+**Counting from scratch** (a workspace's first count, a new or changed view, a reconcile) is
+one pass of the engine over a snapshot, evaluated at one instant, in slices that yield to the
+event loop; the entries committed after the snapshot are then applied to that count (the
+*catch-up*) up to the position the live state has reached, and time-dependent views are moved
+to the instant the live state reflects. New views are counted by background tasks, off the
+relay's hot path, and installed under the relay lock in one atomic step.
+
+**Reopens** (snoozes whose time has come) are written by their own task, retried until they
+land, and leave their schedule only once written.
 """
 
 from __future__ import annotations
@@ -16,65 +34,73 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
-from .exceptions import LivecountError, NotFound, PreconditionFailed
-from .schedule import FlipSchedule, ReopenSchedule, Timer
-from .state.base import CounterState
+from .exceptions import LivecountError, NotFound, PreconditionFailed, Unavailable
+from .schedule import DueFlip, FlipSchedule, ReopenSchedule, Timer
+from .state.base import CounterState, StateConflict, Update
 from .store.base import Counts, OutboxEntry, Store, View
 
 __all__ = ["Reconciliation", "Relay"]
 
 log = logging.getLogger("livecount.relay")
 
-#: Most changes a workspace records while a reconcile runs (it then asks for a retry).
-HISTORY: Final = 10_000
+#: Images counted between two yields to the event loop.
+COUNT_SLICE: Final = 2000
+#: Bus messages a workspace may have waiting for a retry before they collapse into a reset.
+MAX_UNPUBLISHED: Final = 64
+#: Reopens written per batch.
+REOPEN_BATCH: Final = 200
+#: Background counts (new views) running at once.
+MAX_COUNTING: Final = 2
+
+
+def _accumulate(counts: Counts, deltas: Iterable[Delta]) -> None:
+    for vid, group, teammate, delta in deltas:
+        key = (vid, group, teammate)
+        value = counts.get(key, 0) + delta
+        if value:
+            counts[key] = value
+        else:
+            counts.pop(key, None)
 
 
 @dataclass
-class _Pending:
-    position: int
-    view: View
-    counts: Counts
-    images: list[Image]  # the snapshot's, kept only for a time-dependent view's flips
-    counted_at: int  # the clock the counts were evaluated at
+class _Plan:
+    """One workspace's share of a step, computed without changing anything."""
+
+    expect: int  # the position the state was at when this was computed
+    position: int  # the position it leads to
+    now: int
+    deltas: Counts
+    flips: list[DueFlip]
+    entries: list[OutboxEntry]
 
 
 @dataclass
 class _Workspace:
-    """The relay's per-workspace state."""
+    """The relay's per-workspace memory: what the state's counts are a function of."""
 
     engine: Engine
-    skip: int  # entries at or below this position are already in the counts
-    installed_at: dict[int, int] = field(default_factory=dict)  # view id → position
-    pending: dict[int, _Pending] = field(default_factory=dict)  # view id → install
-    history: deque[tuple[int, list[Delta]]] = field(default_factory=lambda: deque(
-        maxlen=HISTORY))
-    floor: int = 0  # position of the newest history record evicted (or not recorded)
-    recording: int = 0  # reconciles in progress: history is only kept while one runs
+    applied: int  # outbox position the state's counts reflect
+    clock: int  # instant the state's time-dependent counts reflect
     flips: FlipSchedule = field(default_factory=FlipSchedule)
     timers: tuple[Timer, ...] = ()
+    inflight: _Plan | None = None  # a plan whose commit raised: sent again first
+    waiting: dict[int, View] = field(default_factory=dict)  # views being counted
+    installs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
     def retime(self) -> None:
         self.timers = tuple((v.id, name, span) for v in self.engine.views.values()
                             for name, span in v.timers)
-
-    def version(self, conversation_id: int) -> int:
-        return self.engine.versions.get(conversation_id, 0)
-
-    def remember(self, position: int, deltas: list[Delta]) -> None:
-        if not self.recording:
-            return
-        if len(self.history) == self.history.maxlen:
-            self.floor = self.history[0][0]
-        self.history.append((position, deltas))
 
 
 @dataclass(frozen=True)
@@ -86,60 +112,172 @@ class Reconciliation:
     views_checked: int
     views_skipped: int
     counters_checked: int
-    drift: Counts  # counter → (SQL count − state count) at ``position``
+    drift: Counts  # counter → (recount − state) at ``position``
     seconds: float
+    #: counter → (state value, recounted value), for every drifted counter
+    values: dict[tuple[int, str | None, int | None], tuple[int, int]] = field(
+        default_factory=dict)
+    repaired: bool = False
 
     @property
     def drifted(self) -> int:
         return len(self.drift)
 
 
+class _Count:
+    """Counts of some views over one workspace, from a snapshot, brought forward.
+
+    ``run()`` counts the snapshot at one instant ``t0``; ``catch_up(p)`` applies the entries
+    of the workspace committed after the snapshot, up to ``p``, evaluated at ``t0`` too;
+    ``at(clock)`` gives the counts with time-dependent views evaluated at ``clock``.
+    """
+
+    def __init__(self, relay: Relay, workspace_id: int, views: list[View]) -> None:
+        self.relay = relay
+        self.workspace_id = workspace_id
+        self.engine = Engine(views)
+        self.counts: Counts = {}
+        self.images: dict[int, Image] = {}
+        self.position = 0
+        self.t0 = 0
+        self.views: list[View] = []  # the snapshot's views
+
+    async def run(self) -> None:
+        snapshot = await self.relay.store.snapshot(self.workspace_id)
+        self.position = snapshot.position
+        self.views = snapshot.views
+        self.t0 = self.relay._now()
+        conversations = snapshot.conversations
+        counts = self.counts
+        for start in range(0, len(conversations), COUNT_SLICE):
+            part = conversations[start:start + COUNT_SLICE]
+            for key, value in self.engine.count(part, self.t0).items():
+                total = counts.get(key, 0) + value
+                if total:
+                    counts[key] = total
+                else:
+                    counts.pop(key, None)
+            for image in part:
+                self.images[image.id] = image
+            await asyncio.sleep(0)
+
+    async def catch_up(self, target: int) -> None:
+        store = self.relay.store
+        while self.position < target:
+            entries = await store.read_outbox(self.position, 1000)
+            if not entries:
+                raise LivecountError(f"the outbox ends before position {target}")
+            for entry in entries:
+                if entry.position > target:
+                    return
+                if entry.workspace_id == self.workspace_id and entry.kind == "conversation":
+                    before, after = entry.before, entry.after
+                    assert before is None or isinstance(before, Image)
+                    assert after is None or isinstance(after, Image)
+                    _accumulate(self.counts, self.engine.deltas(before, after, self.t0))
+                    if after is None:
+                        self.images.pop(entry.entity_id, None)
+                    else:
+                        self.images[after.id] = after
+                self.position = entry.position
+            await asyncio.sleep(0)
+
+    def at(self, clock: int) -> Counts:
+        timed = [v.id for v in self.engine.views.values() if v.timed]
+        if not timed or clock == self.t0:
+            return self.counts
+        counts = dict(self.counts)
+        for image in self.images.values():
+            _accumulate(counts, self.engine.clock_deltas(image, self.t0, clock, timed))
+        return counts
+
+
 class Relay:
-    """Owns one task; ``start()``/``stop()`` bracket its life."""
+    """Owns its tasks; ``start()``/``stop()`` bracket their life."""
 
     def __init__(self, store: Store, state: CounterState, bus: Bus, *, batch_size: int = 1000,
-                 poll_interval: float = 1.0, clock: Callable[[], int] = now_us) -> None:
+                 poll_interval: float = 1.0, clock: Callable[[], int] = now_us,
+                 reconcile_every: float | None = None,
+                 outbox_retention: float | None = None) -> None:
         self.store = store
         self.state = state
         self.bus = bus
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.clock = clock
+        self.reconcile_every = reconcile_every
+        self.outbox_retention = outbox_retention
         self.position = 0
         self.lock = asyncio.Lock()
         self.entries_applied = 0
         self.errors = 0
         self.drift_repaired = 0
+        self.reconciles = 0
+        self.poison_entries = 0
+        self.reopens_written = 0
+        self.outbox_pruned = 0
+        self._last_now = 0
         self._workspaces: dict[int, _Workspace] = {}
+        self._unbuilt: set[int] = set()  # workspaces whose (re)build failed or is due
         self._reopens = ReopenSchedule()
+        self._outgoing: dict[int, deque[BusMessage]] = {}
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._reopen_wake = asyncio.Event()
+        self._counting = asyncio.Semaphore(MAX_COUNTING)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._started = False
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Rebuild every workspace from a recount, then follow the outbox in a task."""
-        if self._task is not None:
+    async def start(self, *, background: bool = True) -> None:
+        """Count every workspace from a snapshot, then follow the outbox in a task (and write
+        reopens, reconcile, prune in others). ``background=False`` starts no task: the
+        caller drives :meth:`step` and :meth:`reopen_due` (tests that inject faults)."""
+        if self._started:
             raise LivecountError("relay already started")
+        self._started = True
         self._loop = asyncio.get_running_loop()
         self._unsubscribe = self.store.on_commit(self._on_commit)
-        async with self.lock:
-            self.position = await self.store.outbox_position()
-            for workspace in await self.store.list_workspaces():
-                await self._rebuild(workspace.id)
-        self._task = asyncio.create_task(self._run(), name="livecount-relay")
+        try:
+            async with self.lock:
+                self.position = await self.store.outbox_position()
+                for workspace in await self.store.list_workspaces():
+                    self._unbuilt.add(workspace.id)
+                for workspace_id in sorted(self._unbuilt):
+                    with contextlib.suppress(Exception):  # logged; the step retries it
+                        await self._build(workspace_id)
+        except BaseException:
+            await self.stop()
+            self._started = False
+            raise
+        if not background:
+            return
+        self._spawn(self._run(), "livecount-relay")
+        self._spawn(self._reopen_loop(), "livecount-relay-reopens")
+        if self.reconcile_every:
+            self._spawn(self._reconcile_loop(self.reconcile_every), "livecount-reconciler")
+        if self.outbox_retention is not None:
+            self._spawn(self._prune_loop(self.outbox_retention), "livecount-outbox-pruner")
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        tasks = list(self._tasks)
+        for ws in self._workspaces.values():
+            tasks.extend(ws.installs.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _on_commit(self) -> None:
         """Called by the store from its writer thread after each commit."""
@@ -148,12 +286,15 @@ class Relay:
             with contextlib.suppress(RuntimeError):  # the loop closed since the check
                 loop.call_soon_threadsafe(self._wake.set)
 
+    def _now(self) -> int:
+        """The clock, never going backwards (a step must not undo flips it applied)."""
+        self._last_now = max(self._last_now, self.clock())
+        return self._last_now
+
     def _next_timeout(self) -> float:
-        """Seconds until the next flip or reopen is due, at most the poll interval."""
+        """Seconds until the next flip is due, at most the poll interval."""
         instants = [i for ws in self._workspaces.values()
                     if (i := ws.flips.next_instant()) is not None]
-        if (reopen := self._reopens.next_instant()) is not None:
-            instants.append(reopen)
         if not instants:
             return self.poll_interval
         return max(0.0, min(self.poll_interval, (min(instants) - self.clock()) / 1e6))
@@ -169,7 +310,6 @@ class Relay:
             try:
                 while await self.step():
                     pass
-                await self._reopen_due()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -179,244 +319,509 @@ class Relay:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return any(t.get_name() == "livecount-relay" and not t.done() for t in self._tasks)
 
     async def sync(self) -> None:
-        """Return once everything committed before the call is applied (tests, CLI)."""
+        """Return once everything committed before the call is applied, views included
+        (tests, the CLI, a write that waits to read itself)."""
         target = await self.store.outbox_position()
-        while self.position < target:
+        while self.position < target or self._unbuilt:
             await self.step()
+        installs = [t for ws in self._workspaces.values() for t in ws.installs.values()]
+        if installs:
+            await asyncio.wait(installs)
+
+    @property
+    def scheduled(self) -> int:
+        """Time-driven entries held: at most one flip entry per timed conversation and one
+        reopen per snoozed conversation."""
+        return len(self._reopens) + sum(len(ws.flips) for ws in self._workspaces.values())
 
     async def lag(self) -> int:
         """Outbox entries committed but not yet applied."""
         return max(0, await self.store.outbox_position() - self.position)
 
-    # -- one batch --------------------------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------------
 
     async def step(self) -> bool:
-        """Apply the next batch of the outbox; True when there may be more."""
+        """Apply the next batch of the outbox and the flips now due; True when there may be
+        more. Raises if any part failed: the parts that committed stay committed, the rest is
+        retried by the next step."""
         async with self.lock:
-            now = self.clock()
-            pending_deltas: dict[int, Counts] = {}
-            last: dict[int, int] = {}
-            self._flip_due(now, pending_deltas)
+            await self._publish_all()
+            now = self._now()
+            for workspace_id in sorted(self._unbuilt):
+                await self._build(workspace_id)
             entries = await self.store.read_outbox(self.position, self.batch_size)
-            if not entries:
-                for workspace_id in list(pending_deltas):
-                    await self._flush(workspace_id, pending_deltas, last)
-                await self._install_due(None)
-                return False
+            groups: dict[int, list[OutboxEntry]] = {}
             for entry in entries:
-                ws = self._workspaces.get(entry.workspace_id)
-                if ws is None:
-                    ws = await self._rebuild(entry.workspace_id)
-                if ws.pending and min(p.position for p in ws.pending.values()) < entry.position:
-                    await self._flush(entry.workspace_id, pending_deltas, last)
-                    await self._install_due(entry.workspace_id, before=entry.position)
-                if entry.position <= ws.skip:
-                    continue
-                if entry.kind == "conversation":
-                    self._apply(ws, entry, now, pending_deltas)
-                else:
-                    await self._flush(entry.workspace_id, pending_deltas, last)
-                    await self._view_changed(ws, entry, now)
-                last[entry.workspace_id] = entry.position
-                self.entries_applied += 1
-            self.position = entries[-1].position
-            for workspace_id in list(pending_deltas):
-                await self._flush(workspace_id, pending_deltas, last)
-            await self._install_due(None)
+                groups.setdefault(entry.workspace_id, []).append(entry)
+            for workspace_id, ws in self._workspaces.items():
+                if workspace_id not in groups and (
+                        ws.inflight is not None
+                        or (ws.flips.next_instant() or now + 1) <= now):
+                    groups[workspace_id] = []
+            for workspace_id, group in groups.items():
+                await self._advance(workspace_id, group, now)
+            if entries:
+                self.position = entries[-1].position
             return len(entries) == self.batch_size
 
-    def _apply(self, ws: _Workspace, entry: OutboxEntry, now: int,
-               pending: dict[int, Counts]) -> None:
-        before, after = entry.before, entry.after
-        assert before is None or isinstance(before, Image)
-        assert after is None or isinstance(after, Image)
-        deltas = ws.engine.apply(before, after, now)
-        if after is not None and ws.version(after.id) == after.version:
-            if ws.timers:
-                ws.flips.watch(after, ws.timers, now)
-            self._reopens.watch(after)
-        if not deltas:
-            return
-        ws.remember(entry.position, deltas)
-        acc = pending.setdefault(entry.workspace_id, {})
-        for vid, group, teammate, delta in deltas:
-            key = (vid, group, teammate)
-            acc[key] = acc.get(key, 0) + delta
+    async def _advance(self, workspace_id: int, entries: list[OutboxEntry], now: int) -> None:
+        ws = self._workspaces.get(workspace_id)
+        if ws is None:
+            ws = await self._build(workspace_id)
+        if ws.inflight is not None:
+            await self._commit(workspace_id, ws, ws.inflight)
+        pending = [e for e in entries if e.position > ws.applied]
+        flips_done = False
+        i = 0
+        while True:
+            run: list[OutboxEntry] = []
+            while (i < len(pending) and pending[i].kind == "conversation"
+                   and _poison(pending[i]) is None):
+                run.append(pending[i])
+                i += 1
+            poisoned: tuple[OutboxEntry, str] | None = None
+            if run or not flips_done:
+                plan, poisoned = self._plan(ws, run, now, flips=not flips_done)
+                flips_done = True
+                if plan is not None:
+                    await self._commit(workspace_id, ws, plan)
+            if poisoned is None and i < len(pending):
+                entry = pending[i]
+                problem = _poison(entry)
+                if problem is not None:
+                    poisoned = (entry, problem)
+                else:
+                    i += 1
+                    await self._view_entry(workspace_id, ws, entry)
+                    continue
+            if poisoned is not None:
+                await self._poisoned(workspace_id, *poisoned)
+                rest = [e for e in entries if e.position > poisoned[0].position]
+                await self._advance(workspace_id, rest, now)
+                return
+            if i >= len(pending):
+                return
 
-    def _flip_due(self, now: int, pending: dict[int, Counts]) -> None:
-        """Apply every membership flip the clock has reached (before any entry at ``now``)."""
-        for workspace_id, ws in self._workspaces.items():
-            if not len(ws.flips):
+    def _plan(self, ws: _Workspace, run: list[OutboxEntry], now: int, *, flips: bool
+              ) -> tuple[_Plan | None, tuple[OutboxEntry, str] | None]:
+        """What committing ``run`` (and the flips due by ``now``) would do; changes nothing.
+        An entry the engine cannot evaluate ends the plan before it and is returned."""
+        deltas: Counts = {}
+        due = ws.flips.due(now) if flips and len(ws.flips) else []
+        engine = ws.engine
+        for image, instants in due:
+            for instant, view_ids in instants:
+                _accumulate(deltas, engine.clock_deltas(image, instant - 1, instant, view_ids))
+        done: list[OutboxEntry] = []
+        poisoned = None
+        for entry in run:
+            before, after = entry.before, entry.after
+            try:
+                assert before is None or isinstance(before, Image)
+                assert after is None or isinstance(after, Image)
+                changes = engine.deltas(before, after, now)
+            except Exception as exc:
+                poisoned = (entry, f"{type(exc).__name__}: {exc}"[:500])
+                break
+            _accumulate(deltas, changes)
+            done.append(entry)
+        if not done and not due:
+            return None, poisoned
+        position = done[-1].position if done else ws.applied
+        return _Plan(ws.applied, position, now, deltas, due, done), poisoned
+
+    async def _commit(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:
+        ws.inflight = plan
+        try:
+            update = await self.state.apply(workspace_id, plan.deltas, plan.position,
+                                            plan.expect)
+        except StateConflict:
+            ws.inflight = None
+            self._unbuilt.add(workspace_id)  # someone else changed the counters: recount
+            raise
+        ws.inflight = None
+        self._finish(workspace_id, ws, plan)
+        if update.duplicate:
+            if plan.deltas:  # it landed before; its message was never sent
+                self._send(BusMessage(workspace_id, update.epoch, update.seq, "reset", {}))
+        elif update.changed:
+            self._send(BusMessage(workspace_id, update.epoch, update.seq, "delta",
+                                  update.changed))
+        await self._publish(workspace_id)
+
+    def _finish(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:
+        """Reflect a committed plan in memory. No await, nothing that can fail halfway."""
+        for image, _ in plan.flips:
+            ws.flips.consume(image, plan.now)
+        for entry in plan.entries:
+            after = entry.after
+            if after is None:
+                ws.flips.forget(entry.entity_id)
+                self._reopens.forget(workspace_id, entry.entity_id)
                 continue
-            for instant, image, view_ids in ws.flips.due(now, ws.version):
-                deltas = ws.engine.clock_deltas(image, instant - 1, instant, view_ids)
-                if deltas:
-                    ws.remember(self.position, deltas)
-                    acc = pending.setdefault(workspace_id, {})
-                    for vid, group, teammate, delta in deltas:
-                        key = (vid, group, teammate)
-                        acc[key] = acc.get(key, 0) + delta
-            ws.flips.compact(ws.version)
+            assert isinstance(after, Image)
+            if ws.timers or after.id in ws.flips:
+                ws.flips.watch(after, ws.timers, plan.now)
+            self._reopens.watch(after)
+        if plan.entries:
+            self._reopen_wake.set()
+        ws.applied = plan.position
+        ws.clock = max(ws.clock, plan.now)
+        self.entries_applied += len(plan.entries)
 
-    async def _reopen_due(self) -> None:
-        """Reopen snoozed conversations whose ``snoozed_until`` has passed: a real write."""
-        for workspace_id, conversation_id, version in self._reopens.due(self.clock()):
-            ws = self._workspaces.get(workspace_id)
-            if ws is None or ws.version(conversation_id) != version:
-                continue  # changed since it was snoozed; the newer version decides
-            with contextlib.suppress(PreconditionFailed, NotFound):
-                await self.store.update_conversation(
-                    workspace_id, conversation_id, {"state": "open", "snoozed_until": None},
-                    if_match=version)
+    # -- publishing -------------------------------------------------------------------------
 
-    async def _flush(self, workspace_id: int, pending: dict[int, Counts],
-                     last: dict[int, int]) -> None:
-        deltas = pending.pop(workspace_id, None)
-        if not deltas:
+    def _send(self, message: BusMessage) -> None:
+        queue = self._outgoing.setdefault(message.workspace_id, deque())
+        queue.append(message)
+        if len(queue) > MAX_UNPUBLISHED:
+            queue.clear()
+            queue.append(BusMessage(message.workspace_id, message.epoch, message.seq, "reset",
+                                    {}))
+
+    async def _publish(self, workspace_id: int) -> None:
+        """Publish what waits for ``workspace_id``, in order; a failure keeps it for later."""
+        queue = self._outgoing.get(workspace_id)
+        try:
+            while queue:
+                await self.bus.publish(queue[0])
+                queue.popleft()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.errors += 1
+            log.warning("publishing to the bus failed for workspace %d; will retry",
+                        workspace_id, exc_info=True)
             return
-        update = await self.state.apply(workspace_id, deltas, last.get(workspace_id, 0))
-        if update.changed:
-            await self.bus.publish(BusMessage(workspace_id, update.seq, "delta", update.changed))
+        self._outgoing.pop(workspace_id, None)
 
-    # -- workspaces and views ---------------------------------------------------------------
+    async def _publish_all(self) -> None:
+        for workspace_id in list(self._outgoing):
+            await self._publish(workspace_id)
 
-    async def _rebuild(self, workspace_id: int) -> _Workspace:
+    # -- workspaces, views, poison ----------------------------------------------------------
+
+    async def _build(self, workspace_id: int) -> _Workspace:
         """Count a workspace from scratch over one snapshot; later entries continue it."""
         snapshot = await self.store.snapshot(workspace_id)
         engine = Engine(snapshot.views)
-        now = self.clock()
-        counts = engine.count(snapshot.conversations, now)
-        ws = _Workspace(engine, skip=snapshot.position,
-                        installed_at={v.id: snapshot.position for v in snapshot.views})
+        now = self._now()
+        counts: Counts = {}
+        conversations = snapshot.conversations
+        for start in range(0, len(conversations), COUNT_SLICE):
+            for key, value in engine.count(conversations[start:start + COUNT_SLICE],
+                                           now).items():
+                counts[key] = counts.get(key, 0) + value
+            await asyncio.sleep(0)
+        counts = {k: v for k, v in counts.items() if v}
+        update = await self.state.replace(workspace_id, counts, snapshot.position)
+        # committed: now reflect it in memory (no await from here)
+        old = self._workspaces.get(workspace_id)
+        if old is not None:
+            for task in old.installs.values():
+                task.cancel()
+        ws = _Workspace(engine, applied=snapshot.position, clock=now)
         ws.retime()
-        for image in snapshot.conversations:
+        self._reopens.forget_workspace(workspace_id)
+        for image in conversations:
             if ws.timers:
                 ws.flips.watch(image, ws.timers, now)
             self._reopens.watch(image)
+        self._reopen_wake.set()
         self._workspaces[workspace_id] = ws
-        update = await self.state.replace(workspace_id, counts, snapshot.position)
-        await self.bus.publish(BusMessage(workspace_id, update.seq, "views", update.changed))
+        self._unbuilt.discard(workspace_id)
+        self._outgoing.pop(workspace_id, None)  # superseded by the new counts
+        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed))
+        await self._publish(workspace_id)
         return ws
 
-    async def _view_changed(self, ws: _Workspace, entry: OutboxEntry, now: int) -> None:
+    async def _poisoned(self, workspace_id: int, entry: OutboxEntry, problem: str) -> None:
+        """An entry that can never be applied: record it, count it, recount its workspace
+        (the recount's snapshot contains whatever the entry changed)."""
+        self.poison_entries += 1
+        log.error("outbox entry %d (workspace %d) cannot be applied: %s; skipped, recounting "
+                  "the workspace", entry.position, workspace_id, problem)
+        record = getattr(self.store, "record_poison", None)
+        if record is not None:
+            try:
+                await record(entry.position, workspace_id, problem)
+            except Exception:
+                log.warning("could not record poison entry %d", entry.position, exc_info=True)
+        self._unbuilt.add(workspace_id)
+        await self._build(workspace_id)
+
+    async def _view_entry(self, workspace_id: int, ws: _Workspace, entry: OutboxEntry) -> None:
         view_id = entry.entity_id
-        if entry.after is None:  # deleted: nothing to recount
-            ws.pending.pop(view_id, None)
-            ws.installed_at.pop(view_id, None)
+        after = entry.after
+        if after is None:  # deleted
+            self._cancel_install(ws, view_id)
+            update = await self.state.replace(workspace_id, {}, entry.position, [view_id])
             ws.engine.remove_view(view_id)
             ws.retime()
-            await self._replace(entry.workspace_id, ws, {}, entry.position, [view_id])
+            self._view_committed(workspace_id, ws, entry.position, update)
+            await self._publish(workspace_id)
             return
-        known = ws.pending.get(view_id)
-        if known is not None and known.position >= entry.position:
-            return  # the snapshot taken for it already includes this change
-        snapshot = await self.store.snapshot(entry.workspace_id)
-        view = next((v for v in snapshot.views if v.id == view_id), None)
-        if view is None:  # deleted again before the snapshot; its delete entry follows
-            ws.pending.pop(view_id, None)
+        assert isinstance(after, View)
+        current = ws.engine.views.get(view_id)
+        if current is not None and view_id not in ws.waiting and _same_counts(current.view,
+                                                                              after):
+            # renamed or moved: the counts stand
+            update = await self.state.replace(workspace_id, {}, entry.position, [])
+            ws.engine.views[view_id].view = after
+            self._view_committed(workspace_id, ws, entry.position, update)
+            await self._publish(workspace_id)
             return
-        scratch = Engine([view])
-        counts = scratch.count(snapshot.conversations, now)
-        timed = scratch.views[view_id].timed
-        ws.pending[view_id] = _Pending(snapshot.position, view, counts,
-                                       snapshot.conversations if timed else [], now)
+        # counted in the background, installed when done; the position moves on now
+        update = await self.state.apply(workspace_id, {}, entry.position, ws.applied)
+        ws.applied = entry.position
+        del update
+        ws.waiting[view_id] = after
+        if view_id not in ws.installs:
+            ws.installs[view_id] = asyncio.create_task(
+                self._install(workspace_id, view_id), name=f"livecount-count-view-{view_id}")
 
-    async def _install_due(self, workspace_id: int | None, before: int | None = None) -> None:
-        """Install recounted views whose snapshot position the relay has reached."""
-        targets = [workspace_id] if workspace_id is not None else list(self._workspaces)
-        for wid in targets:
-            ws = self._workspaces[wid]
-            for view_id, pending in list(ws.pending.items()):
-                due = pending.position < before if before is not None else (
-                    pending.position <= self.position)
-                if not due:
-                    continue
-                del ws.pending[view_id]
-                compiled = ws.engine.set_view(pending.view)
-                ws.installed_at[view_id] = pending.position
-                ws.retime()
-                timers = [(view_id, name, span) for name, span in compiled.timers]
-                for image in pending.images:  # the snapshot is the engine's state right here
-                    if ws.version(image.id) == image.version:
-                        # flips since the counts were taken are due at once
-                        ws.flips.watch(image, timers, pending.counted_at)
-                await self._replace(wid, ws, pending.counts, pending.position, [view_id])
+    def _view_committed(self, workspace_id: int, ws: _Workspace, position: int,
+                        update: Update) -> None:
+        ws.applied = position
+        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed))
 
-    async def _replace(self, workspace_id: int, ws: _Workspace, counts: Counts, position: int,
-                       view_ids: list[int]) -> None:
-        # The old values are only needed for a reconcile's history: copy the state only then.
-        old = (await self.state.snapshot(workspace_id)).counts if ws.recording else {}
-        update = await self.state.replace(workspace_id, counts, position, view_ids)
-        ws.remember(position, [(k[0], k[1], k[2], v - old.get(k, 0))
-                               for k, v in update.changed.items()])
-        await self.bus.publish(BusMessage(workspace_id, update.seq, "views", update.changed))
+    def _cancel_install(self, ws: _Workspace, view_id: int) -> None:
+        ws.waiting.pop(view_id, None)
+        task = ws.installs.pop(view_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _install(self, workspace_id: int, view_id: int) -> None:
+        """Count a new or changed view in the background, then install it; retried until it
+        is installed or superseded."""
+        backoff = 0.02
+        try:
+            while True:
+                ws = self._workspaces.get(workspace_id)
+                view = None if ws is None else ws.waiting.get(view_id)
+                if ws is None or view is None:
+                    return
+                try:
+                    async with self._counting:
+                        await self._install_once(workspace_id, view)
+                    backoff = 0.02
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.errors += 1
+                    log.warning("counting view %d of workspace %d failed; retrying", view_id,
+                                workspace_id, exc_info=True)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.poll_interval)
+        finally:
+            ws = self._workspaces.get(workspace_id)
+            if ws is not None and ws.installs.get(view_id) is asyncio.current_task():
+                del ws.installs[view_id]
+
+    async def _install_once(self, workspace_id: int, view: View) -> None:
+        counting = _Count(self, workspace_id, [view])
+        await counting.run()
+        mine = next((v for v in counting.views if v.id == view.id), None)
+        if mine is None or mine.version != view.version:
+            # changed or deleted again since: a later outbox entry says what to do
+            await self._settle_on(workspace_id, counting.position)
+            return
+        ws = self._workspaces.get(workspace_id)
+        if ws is None:
+            return
+        await counting.catch_up(ws.applied)
+        async with self.lock:
+            ws = self._workspaces.get(workspace_id)
+            if ws is None or ws.waiting.get(view.id) is not view:
+                return
+            if ws.inflight is not None or ws.applied < counting.position:
+                raise Unavailable("the relay is behind the view's snapshot; retrying")
+            await counting.catch_up(ws.applied)
+            counts = counting.at(ws.clock)
+            update = await self.state.replace(workspace_id, counts, ws.applied, [view.id])
+            # committed: reflect it (no await until the publish)
+            del ws.waiting[view.id]
+            compiled = ws.engine.set_view(view)
+            ws.retime()
+            timers = [(view.id, name, span) for name, span in compiled.timers]
+            if timers:
+                for image in counting.images.values():
+                    ws.flips.extend(image, timers, ws.clock)
+                self._wake.set()  # the relay sleeps until the next instant: a new one now
+            self._send(BusMessage(workspace_id, update.epoch, update.seq, "views",
+                                  update.changed))
+            await self._publish(workspace_id)
+
+    async def _settle_on(self, workspace_id: int, position: int) -> None:
+        """Wait (a little) for the relay to reach ``position``: the entry that superseded a
+        count is there, and will cancel or restart it."""
+        for _ in range(100):
+            ws = self._workspaces.get(workspace_id)
+            if ws is None or ws.applied >= position:
+                return
+            self._wake.set()
+            await asyncio.sleep(0.01)
 
     def views(self, workspace_id: int) -> list[View]:
         """The views whose counts the relay currently maintains for a workspace."""
         ws = self._workspaces.get(workspace_id)
         return [] if ws is None else [v.view for v in ws.engine.views.values()]
 
+    # -- reopens ----------------------------------------------------------------------------
+
+    async def _reopen_loop(self) -> None:
+        """Write the reopens that are due, in batches, until each lands."""
+        backoff = 0.05
+        while True:
+            instant = self._reopens.next_instant()
+            wait = self.poll_interval if instant is None else max(
+                0.0, min(self.poll_interval, (instant - self.clock()) / 1e6))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._reopen_wake.wait()
+            self._reopen_wake.clear()
+            try:
+                await self.reopen_due()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.errors += 1
+                log.warning("writing reopens failed; retrying", exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.poll_interval)
+
+    async def reopen_due(self) -> int:
+        """Write every reopen due now; each leaves the schedule once written (or refused
+        because a newer version exists). Returns how many were written."""
+        written = 0
+        while due := self._reopens.due(self.clock(), REOPEN_BATCH):
+            for workspace_id, conversation_id, version in due:
+                try:
+                    await self.store.update_conversation(
+                        workspace_id, conversation_id, {"state": "open", "snoozed_until": None},
+                        if_match=version)
+                    written += 1
+                    self.reopens_written += 1
+                except (PreconditionFailed, NotFound):
+                    pass  # changed or deleted since: the newer version decides
+                self._reopens.done(workspace_id, conversation_id, version)
+        return written
+
     # -- reconcile --------------------------------------------------------------------------
 
     async def reconcile(self, workspace_id: int, *, repair: bool = True) -> Reconciliation:
-        """Recount every view by SQL in one snapshot, compare with the state at the same
-        position, and (by default) add the difference to the state."""
+        """Recount every view of a workspace in one pass over a snapshot (time-dependent
+        views included, at the instant the live state reflects), compare with the live state
+        at the same position, and (by default) repair the difference and publish it."""
         started = time.perf_counter()
+        ws = self._workspaces.get(workspace_id)
+        if ws is None:
+            async with self.lock:
+                ws = self._workspaces.get(workspace_id) or await self._build(workspace_id)
+        compiled = list(ws.engine.views.values())
+        counting = _Count(self, workspace_id, [c.view for c in compiled])
+        await counting.run()
+        await counting.catch_up(ws.applied)
         async with self.lock:
-            ws = self._workspaces.get(workspace_id)
-            if ws is None:
-                ws = await self._rebuild(workspace_id)
-            compiled = list(ws.engine.views.values())
-            if not ws.recording:  # record every change after this point (all are > Q)
-                ws.history.clear()
-                ws.floor = self.position
-            ws.recording += 1
-        try:
-            return await self._reconcile(workspace_id, ws, compiled, repair, started)
-        finally:
-            ws.recording -= 1
-            if not ws.recording:
-                ws.history.clear()
-
-    async def _reconcile(self, workspace_id: int, ws: _Workspace, compiled: list[Any],
-                         repair: bool, started: float) -> Reconciliation:
-        now = self.clock()
-        recount = await self.store.recount(workspace_id, [c.view for c in compiled], now)
-        while self.position < recount.position:
-            await self.step()
-        async with self.lock:
-            if ws.floor > recount.position:
-                raise LivecountError("the relay moved too far past the recount's snapshot; "
-                                     "retry when writes are quieter")
-            checked = {c.id for c in compiled
-                       if not c.timed and ws.installed_at.get(c.id, 1 << 62) <= recount.position
-                       and c.id in ws.engine.views and ws.engine.views[c.id] is c}
-            state = (await self.state.snapshot(workspace_id)).counts
-            at_position = {k: v for k, v in state.items() if k[0] in checked}
-            for position, deltas in ws.history:
-                if position > recount.position:
-                    for vid, group, teammate, delta in deltas:
-                        if vid in checked:
-                            key = (vid, group, teammate)
-                            at_position[key] = at_position.get(key, 0) - delta
-            expected = {k: v for k, v in recount.counts.items() if k[0] in checked}
+            if self._workspaces.get(workspace_id) is not ws or ws.inflight is not None:
+                raise Unavailable("the workspace was recounted meanwhile; retry")
+            await counting.catch_up(ws.applied)
+            if counting.position != ws.applied:
+                raise Unavailable("the relay is behind the snapshot; retry")
+            checked = {c.id for c in compiled if ws.engine.views.get(c.id) is c}
+            expected = {k: v for k, v in counting.at(ws.clock).items() if k[0] in checked}
+            state = await self.state.snapshot(workspace_id)
+            if state.position != ws.applied:
+                raise Unavailable("the counter state moved meanwhile; retry")
+            actual = {k: v for k, v in state.counts.items() if k[0] in checked}
             drift: Counts = {}
-            for key in expected.keys() | at_position.keys():
-                difference = expected.get(key, 0) - at_position.get(key, 0)
+            values = {}
+            for key in expected.keys() | actual.keys():
+                difference = expected.get(key, 0) - actual.get(key, 0)
                 if difference:
                     drift[key] = difference
+                    values[key] = (actual.get(key, 0), expected.get(key, 0))
+            repaired = False
             if drift and repair:
-                update = await self.state.apply(workspace_id, drift, self.position)
-                ws.remember(self.position, [(*k, d) for k, d in drift.items()])
+                update = await self.state.assign(workspace_id,
+                                                 {k: expected.get(k, 0) for k in drift})
+                repaired = True
                 self.drift_repaired += len(drift)
                 if update.changed:
-                    await self.bus.publish(BusMessage(workspace_id, update.seq, "delta",
-                                                      update.changed))
-                log.warning("reconcile repaired %d drifted counters in workspace %d",
-                            len(drift), workspace_id)
-        return Reconciliation(workspace_id, recount.position, len(checked),
-                              len(compiled) - len(checked), len(expected | at_position), drift,
-                              time.perf_counter() - started)
+                    self._send(BusMessage(workspace_id, update.epoch, update.seq, "delta",
+                                          update.changed))
+                await self._publish(workspace_id)
+            if drift:
+                log.warning("reconcile found %d drifted counters in workspace %d at position "
+                            "%d%s", len(drift), workspace_id, ws.applied,
+                            " (repaired)" if repaired else "")
+            self.reconciles += 1
+            return Reconciliation(workspace_id, ws.applied, len(checked),
+                                  len(compiled) - len(checked), len(expected | actual), drift,
+                                  time.perf_counter() - started, values, repaired)
+
+    async def _reconcile_loop(self, every: float) -> None:
+        """Reconcile every workspace once per ``every`` seconds, spread evenly (and with
+        jitter) so that workspaces do not all recount at once."""
+        while True:
+            workspace_ids = sorted(self._workspaces)
+            if not workspace_ids:
+                await asyncio.sleep(every)
+                continue
+            gap = every / len(workspace_ids)
+            for workspace_id in workspace_ids:
+                await asyncio.sleep(gap * random.uniform(0.5, 1.5))
+                try:
+                    await self.reconcile(workspace_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.errors += 1
+                    log.warning("scheduled reconcile of workspace %d failed", workspace_id,
+                                exc_info=True)
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def _prune_loop(self, retention: float) -> None:
+        """Prune applied outbox entries older than ``retention`` seconds, now and then."""
+        period = max(0.05, min(60.0, retention / 4))
+        prune = getattr(self.store, "prune_outbox", None)
+        if prune is None:
+            return
+        while True:
+            await asyncio.sleep(period)
+            try:
+                cutoff = now_us() - int(retention * 1_000_000)
+                self.outbox_pruned += await prune(self.position, cutoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.errors += 1
+                log.warning("pruning the outbox failed; retrying later", exc_info=True)
+
+
+def _poison(entry: OutboxEntry) -> str | None:
+    """Why ``entry`` can never be applied, or None."""
+    error = getattr(entry, "error", None)
+    if error:
+        return str(error)
+    if entry.kind == "conversation":
+        if not isinstance(entry.before, Image | None) or not isinstance(entry.after,
+                                                                       Image | None):
+            return "a conversation entry without conversation images"
+        if entry.before is None and entry.after is None:
+            return "a conversation entry with neither image"
+    elif entry.kind == "view" and not isinstance(entry.after, View | None):
+        return "a view entry without a view"
+    return None
+
+
+def _same_counts(old: View, new: View) -> bool:
+    """Whether two versions of a view count the same (only name or position differ)."""
+    return (old.filter == new.filter and old.group_by == new.group_by
+            and old.owner_id == new.owner_id)
+

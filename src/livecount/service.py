@@ -7,20 +7,24 @@ task) ends in ``stop()``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 
 from .bus import Bus, open_bus
+from .exceptions import Unavailable, ValidationError
 from .relay import Relay
 from .state import CounterState, open_state
 from .store import Store, open_store
 from .store.base import Teammate
+from .tokens import MISSING, TokenCache
 
-__all__ = ["ADMIN", "Caller", "Service", "Settings"]
+__all__ = ["ADMIN", "Caller", "Service", "Settings", "wait_for_position"]
 
 ADMIN_SETTING = "admin_token_sha256"
 
@@ -38,9 +42,36 @@ class Settings:
     #: the admin token; None: LIVECOUNT_ADMIN_TOKEN, else generated and printed once
     admin_token: str | None = None
     relay_poll_interval: float = 1.0
+    #: seconds between two reconciles of a workspace (spread over workspaces); None: never
+    reconcile_every: float | None = 300.0
+    #: seconds an applied outbox entry is kept before it is pruned; None: kept forever
+    outbox_retention: float | None = 24 * 3600.0
     max_body_bytes: int = 1 << 20
     soft_memory_bytes: int = 1 << 30
     hard_memory_bytes: int = 2 << 30
+
+
+async def wait_for_position(state: CounterState, store: Store, workspace_id: int,
+                            position: int, wait: float) -> None:
+    """Return once the counts of ``workspace_id`` reflect outbox position ``position``
+    (read-your-writes), or raise :class:`~livecount.exceptions.Unavailable` after
+    ``wait`` seconds; a position no write has reached yet is a
+    :class:`~livecount.exceptions.ValidationError`. Polls the state with a short, growing
+    delay: it works the same for every backend, and a write's own position is usually
+    reached within milliseconds."""
+    if await state.position(workspace_id) >= position:
+        return
+    if position > await store.outbox_position():
+        raise ValidationError(f"position {position} is ahead of every write (use the "
+                              "Livecount-Position header of a write response)", "after")
+    deadline = time.monotonic() + wait
+    delay = 0.002
+    while await state.position(workspace_id) < position:
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"the counts do not reflect position {position} yet; retry",
+                              retry_after=1)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 @dataclass(frozen=True)
@@ -79,7 +110,11 @@ class Service:
         self.state = open_state(self.settings.broker_url)
         self.bus = open_bus(self.settings.broker_url)
         self.relay = Relay(self.store, self.state, self.bus,
-                           poll_interval=self.settings.relay_poll_interval)
+                           poll_interval=self.settings.relay_poll_interval,
+                           reconcile_every=self.settings.reconcile_every,
+                           outbox_retention=self.settings.outbox_retention)
+        #: teammate tokens already looked up (see livecount.tokens: revocation waits a TTL)
+        self.tokens: TokenCache = TokenCache()
 
     async def start(self) -> None:
         await self.store.open()
@@ -116,5 +151,8 @@ class Service:
             return None
         if self._admin_hash and hmac.compare_digest(token_hash(token), self._admin_hash):
             return ADMIN
-        teammate = await self.store.authenticate(token)
+        teammate = self.tokens.get(token)
+        if teammate is MISSING:  # a store read only for a token not seen in the last TTL
+            teammate = await self.store.authenticate(token)
+            self.tokens.put(token, teammate)
         return None if teammate is None else Caller(teammate)

@@ -121,22 +121,28 @@ class Model:
 
     counts: dict[str, Any] = field(default_factory=dict)
     seq: int = -1
+    epoch: str = ""
     views: list[dict[str, Any]] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     view_ids_seen: set[int] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
-    sse_ids: list[int] = field(default_factory=list)
+    sse_ids: list[str] = field(default_factory=list)
 
     def apply(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
         kind = message.get("type")
         if kind in ("snapshot", "delta"):
-            if set(message) != {"type", "seq", "counts"}:
+            if set(message) != {"type", "epoch", "seq", "counts"}:
                 self.errors.append(f"bad {kind} keys: {sorted(message)}")
-            seq = message["seq"]
-            if not isinstance(seq, int) or seq < self.seq:
+            seq, epoch = message["seq"], message.get("epoch")
+            if not isinstance(epoch, str) or not epoch:
+                self.errors.append(f"bad epoch {epoch!r}")
+            elif kind == "delta" and epoch != self.epoch:
+                self.errors.append(f"a delta of epoch {epoch} after {self.epoch}")
+            if not isinstance(seq, int) or (seq < self.seq and epoch == self.epoch):
                 self.errors.append(f"seq went from {self.seq} to {seq}")
             self.seq = seq
+            self.epoch = epoch if isinstance(epoch, str) else ""
             self.view_ids_seen |= {int(k) for k in message["counts"]}
             if kind == "snapshot":
                 self.counts = {}
@@ -268,8 +274,8 @@ class StreamClient:
                         if data:
                             message = json.loads("\n".join(data))
                             if event_id is not None:
-                                self.model.sse_ids.append(int(event_id))
-                                if message.get("seq") != int(event_id):
+                                self.model.sse_ids.append(event_id)
+                                if f"{message.get('epoch')}:{message.get('seq')}" != event_id:
                                     self.model.errors.append(f"id {event_id} != {message}")
                             elif message.get("type") in ("snapshot", "delta"):
                                 self.model.errors.append(f"no id: {message}")

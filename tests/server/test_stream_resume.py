@@ -1,4 +1,4 @@
-"""Resuming a stream: ``?since=S`` (both transports) or ``Last-Event-ID: S`` (SSE).
+"""Resuming a stream: ``?epoch=E&since=S`` (both transports) or ``Last-Event-ID: E:S`` (SSE).
 
 When the bus still holds ``S`` the first message is ONE delta with the current seq and the
 current value of every counter changed after ``S`` (and only those the caller sees); applied
@@ -58,12 +58,18 @@ async def tenant(server: LiveServer, http: httpx.AsyncClient) -> Tenant:
 
 
 def resume(server: LiveServer, kind: str, tenant: Tenant, person: Person, since: int,
-           how: str = "query") -> StreamClient:
+           how: str = "query", epoch: str | None = None) -> StreamClient:
+    epoch = epoch or epoch_of(server)
     if how == "last-event-id":
         return StreamClient(server, kind, tenant.id, person.token, teammate=person.id,
-                            headers={"Last-Event-ID": str(since)})
+                            headers={"Last-Event-ID": f"{epoch}:{since}"})
     return StreamClient(server, kind, tenant.id, person.token, teammate=person.id,
-                        query=f"since={since}")
+                        query=f"epoch={epoch}&since={since}")
+
+
+def epoch_of(server: LiveServer) -> str:
+    epoch: str = server.service.state.epoch  # type: ignore[attr-defined]
+    return epoch
 
 
 async def held_at_disconnect(server: LiveServer, kind: str, tenant: Tenant,
@@ -96,7 +102,7 @@ async def test_resume_sends_one_merged_delta(server: LiveServer, http: httpx.Asy
     await quiet(server)
     expected = await api_counts(http, tenant.id, person.token)
     assert expected["seq"] > since + 1  # several bus messages to merge
-    messages = await server.service.bus.since(tenant.id, since)
+    messages = await server.service.bus.since(tenant.id, held.epoch, since)
     assert messages is not None
     changed = {(vid, group) for m in messages for vid, group, who in m.counts
                if who in (None, person.id)}
@@ -110,12 +116,12 @@ async def test_resume_sends_one_merged_delta(server: LiveServer, http: httpx.Asy
         await client.wait_for(lambda m: bool(m.messages), what="the resume delta")
         await quiet(server)
         assert client.model.messages == [
-            {"type": "delta", "seq": expected["seq"], "counts": wanted}]
+            {"type": "delta", "epoch": held.epoch, "seq": expected["seq"], "counts": wanted}]
         held.apply(client.model.messages[0])
         assert held.counts == expected["counts"]
         assert held.errors == []
         if kind == "sse":
-            assert client.model.sse_ids == [expected["seq"]]
+            assert client.model.sse_ids == [f"{held.epoch}:{expected['seq']}"]
 
 
 @pytest.mark.parametrize("kind", ["ws", "sse"])
@@ -127,7 +133,8 @@ async def test_resume_at_the_current_seq_is_an_empty_delta(server: LiveServer,
     async with resume(server, kind, tenant, person, held.seq) as client:
         await client.wait_for(lambda m: bool(m.messages))
         await quiet(server)
-        assert client.model.messages == [{"type": "delta", "seq": held.seq, "counts": {}}]
+        assert client.model.messages == [{"type": "delta", "epoch": held.epoch,
+                                          "seq": held.seq, "counts": {}}]
         # and it goes on with deltas, from what the client held
         await changes(http, tenant, person)
         await quiet(server)
@@ -150,8 +157,8 @@ async def expect_snapshot(client: StreamClient, http: httpx.AsyncClient, tenant:
     kinds = [m["type"] for m in client.model.messages]
     assert kinds[:2] == ["views", "snapshot"], kinds
     expected = await api_counts(http, tenant.id, person.token)
-    assert client.model.messages[1] == {"type": "snapshot", "seq": expected["seq"],
-                                        "counts": expected["counts"]}
+    assert client.model.messages[1] == {"type": "snapshot", "epoch": epoch_of(client.server),
+                                        "seq": expected["seq"], "counts": expected["counts"]}
     listed = {str(v["id"]) for v in client.model.messages[0]["views"]}
     assert listed == set(expected["counts"])
 
@@ -193,7 +200,7 @@ async def test_resume_from_a_seq_the_bus_dropped_is_a_snapshot(
                                        json={"assignee_id": person.id, "tags": [f"t{i}"]})
             assert response.status_code == 201
             await server.service.relay.sync()
-        assert await server.service.bus.since(tenant.id, held.seq) is None
+        assert await server.service.bus.since(tenant.id, held.epoch, held.seq) is None
         async with resume(server, kind, tenant, person, held.seq) as client:
             await expect_snapshot(client, http, tenant, person)
         await eventually(lambda: gateway_of(server).connections == 0, 3, "streams to end")
@@ -204,8 +211,30 @@ async def test_a_query_since_wins_over_last_event_id(server: LiveServer,
                                                     tenant: Tenant) -> None:
     person = tenant.people[0]
     seq = (await api_counts(http, tenant.id, person.token))["seq"]
-    client = StreamClient(server, "sse", tenant.id, person.token, query=f"since={seq}",
-                          headers={"Last-Event-ID": str(seq + 100), **auth(person.token)})
+    epoch = epoch_of(server)
+    client = StreamClient(server, "sse", tenant.id, person.token,
+                          query=f"epoch={epoch}&since={seq}",
+                          headers={"Last-Event-ID": f"{epoch}:{seq + 100}",
+                                   **auth(person.token)})
     async with client:
         await client.wait_for(lambda m: bool(m.messages))
-        assert client.model.messages[0] == {"type": "delta", "seq": seq, "counts": {}}
+        assert client.model.messages[0] == {"type": "delta", "epoch": epoch, "seq": seq,
+                                            "counts": {}}
+
+
+@pytest.mark.parametrize(("kind", "how"), [("ws", "query"), ("sse", "last-event-id"),
+                                           ("ws", "no-epoch")])
+async def test_resume_from_another_epoch_is_a_snapshot(server: LiveServer,
+                                                      http: httpx.AsyncClient, tenant: Tenant,
+                                                      kind: str, how: str) -> None:
+    """Seqs of another incarnation (a restart, a failover) are never merged into a delta,
+    even when the number exists here: the client gets the view list and a snapshot."""
+    person = tenant.people[0]
+    seq = (await api_counts(http, tenant.id, person.token))["seq"]
+    if how == "no-epoch":
+        client = StreamClient(server, kind, tenant.id, person.token, teammate=person.id,
+                              query=f"since={seq - 1}")
+    else:
+        client = resume(server, kind, tenant, person, seq - 1, how, epoch="0ther3poch")
+    async with client:
+        await expect_snapshot(client, http, tenant, person)

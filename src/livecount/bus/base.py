@@ -15,11 +15,15 @@ __all__ = ["Bus", "BusMessage", "Overflow", "Subscription"]
 class BusMessage(msgspec.Struct, frozen=True):
     """``kind="delta"``: ``counts`` holds the new value of every counter that changed at
     ``seq``. ``kind="views"``: the workspace's views changed (``counts`` holds the counters
-    that changed with them, e.g. a new view's first counts)."""
+    that changed with them, e.g. a new view's first counts). ``kind="reset"``: the counters
+    changed at ``seq`` in ways this message does not list (a change whose message was lost):
+    a reader reloads the state. ``epoch`` names the numbering ``seq`` belongs to; a reader
+    that sees another epoch, or a seq that skips one, reloads as well."""
 
     workspace_id: int
+    epoch: str
     seq: int
-    kind: Literal["delta", "views"]
+    kind: Literal["delta", "views", "reset"]
     counts: Counts
 
 
@@ -43,8 +47,9 @@ class Bus(Protocol):
         ``maxsize`` messages wait unread (the backlog is dropped: resync instead)."""
         ...
 
-    async def since(self, workspace_id: int, seq: int) -> list[BusMessage] | None:
-        """Messages after ``seq`` if the bus still holds them all, else None."""
+    async def since(self, workspace_id: int, epoch: str, seq: int) -> list[BusMessage] | None:
+        """Messages after ``seq`` of ``epoch`` if the bus still holds every one of them (a
+        gap-free run of seqs of that epoch, none a reset), else None."""
         ...
 
     async def close(self) -> None: ...

@@ -65,7 +65,8 @@ class MemoryBus:
         ring = self._rings.get(message.workspace_id)
         if ring is None:
             ring = self._rings[message.workspace_id] = deque(maxlen=self._ring_size)
-        ring.append(message)
+        if not ring or ring[-1].epoch != message.epoch or ring[-1].seq < message.seq:
+            ring.append(message)  # (not a retried publish of a message already there)
         for subscription in list(self._subscribers.get(message.workspace_id, ())):
             subscription._offer(message)
 
@@ -84,15 +85,26 @@ class MemoryBus:
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())
 
-    async def since(self, workspace_id: int, seq: int) -> list[BusMessage] | None:
+    async def since(self, workspace_id: int, epoch: str, seq: int) -> list[BusMessage] | None:
         ring = self._rings.get(workspace_id)
-        if not ring:
+        if not ring or ring[-1].epoch != epoch:
             return None
         if seq >= ring[-1].seq:
             return [] if seq == ring[-1].seq else None
-        if ring[0].seq > seq + 1:
-            return None
-        return [m for m in ring if m.seq > seq]
+        out: list[BusMessage] = []
+        expected = seq + 1
+        for message in reversed(ring):  # newest first: stop at the first gap or foreign one
+            if message.epoch != epoch or message.kind == "reset":
+                return None
+            if message.seq <= seq:
+                break
+            out.append(message)
+        out.reverse()
+        for message in out:
+            if message.seq != expected:
+                return None  # a message was lost (or collapsed into a reset)
+            expected += 1
+        return out if out and out[-1].seq == ring[-1].seq else None
 
     async def close(self) -> None:
         for subscribers in list(self._subscribers.values()):

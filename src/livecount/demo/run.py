@@ -33,6 +33,7 @@ from rich.text import Text
 
 from ..exceptions import LivecountError
 from ..server.app import Server, create_app, server_options
+from ..server.logs import install_redaction
 from ..service import Service, Settings
 from ..store import open_store
 from .seed import DemoWorkspace, seed_workspace
@@ -178,6 +179,7 @@ async def _demo(options: DemoOptions, url: str, directory: str | None,
             config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                     timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
                                     **server_options(settings))
+            install_redaction()  # the login URLs carry ?token=: keep them out of the logs
             server = _Server(config, app, tune_gc=True)
             gateway = getattr(app.state, "gateway", None)
             return await _serve(server, sock, app.state.service, gateway, demo, admin_token,

@@ -22,7 +22,7 @@ from . import views_api
 from .auth import admin_caller, service_of, workspace_caller
 from .body import fields, read_json
 from .errors import JSONResponse
-from .views_api import settle
+from .views_api import position_headers, settle
 
 __all__ = ["Endpoint", "parse_if_match", "route", "routes"]
 
@@ -47,7 +47,7 @@ def _team(team: Team) -> dict[str, Any]:
 
 def _conversation(image: Image, status: int = 200) -> JSONResponse:
     return JSONResponse(conversations.to_wire(image), status_code=status,
-                        headers={"ETag": f'"{image.version}"'})
+                        headers=position_headers({"ETag": f'"{image.version}"'}))
 
 
 def parse_if_match(value: str | None) -> int | None:
@@ -71,7 +71,8 @@ async def create_workspace(request: Request) -> Response:
     service = service_of(request)
     workspace = await service.store.create_workspace(body["name"])
     await settle(service, lambda: bool(service.relay.views(workspace.id)))
-    return JSONResponse({"id": workspace.id, "name": workspace.name}, status_code=201)
+    return JSONResponse({"id": workspace.id, "name": workspace.name}, status_code=201,
+                        headers=position_headers())
 
 
 async def create_teammate(request: Request) -> Response:
@@ -140,6 +141,22 @@ async def get_conversation(request: Request) -> Response:
     return _conversation(image)
 
 
+async def reconcile(request: Request) -> Response:
+    """Admin: recount every view of the workspace in one snapshot, compare with the live
+    counter state at the same position, repair and publish any drift (DESIGN §5)."""
+    await admin_caller(request)
+    service = service_of(request)
+    workspace_id = _ws(request)
+    await service.store.get_workspace(workspace_id)  # 404 for a workspace that is not there
+    result = await service.relay.reconcile(workspace_id)
+    drift = [{"view": view, "group": group, "teammate": teammate, "state": state, "sql": sql}
+             for (view, group, teammate), (state, sql) in sorted(
+                 result.values.items(), key=lambda item: (item[0][0], str(item[0][1]),
+                                                          item[0][2] or 0))]
+    return JSONResponse({"position": result.position, "views_checked": result.views_checked,
+                         "drift": drift, "repaired": result.repaired})
+
+
 def route(path: str, **handlers: Endpoint) -> Route:
     """One route per path, dispatching on the method, so a 405 lists every allowed one."""
     table = {method.upper(): handler for method, handler in handlers.items()}
@@ -162,5 +179,6 @@ def routes() -> list[BaseRoute]:
         route(f"{_WS}/me", get=me),
         route(f"{_WS}/conversations", post=create_conversation),
         route(conversation, get=get_conversation, patch=update_conversation),
+        route(f"{_WS}/reconcile", post=reconcile),
         *views_api.routes(_WS, route),
     ]

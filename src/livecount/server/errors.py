@@ -3,6 +3,9 @@
 Routing errors (404, 405), :class:`~livecount.exceptions.LivecountError` subclasses (which
 carry their own status and code) and anything unexpected (a bug: logged, answered 500) all
 leave through :func:`error_response`, so a client never has to parse two formats.
+
+Every 503 (overload, draining, a busy or unreachable database) carries ``Retry-After``: whole
+seconds, the exception's ``retry_after`` when it has one.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ CODES: Final[dict[int, str]] = {
 }
 
 _ENCODER: Final = msgspec.json.Encoder()
+#: ``Retry-After`` seconds of a 503 whose cause names none.
+DEFAULT_RETRY_AFTER: Final = 1
 
 
 class JSONResponse(Response):
@@ -62,8 +67,12 @@ class JSONResponse(Response):
 
 def error_response(status: int, code: str, message: str,
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error body; every 503 carries ``Retry-After`` (``headers`` may set its value)."""
     body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    all_headers = dict(headers or {})
+    if status == 503 and not any(k.lower() == "retry-after" for k in all_headers):
+        all_headers["Retry-After"] = str(DEFAULT_RETRY_AFTER)
+    return JSONResponse(body, status_code=status, headers=all_headers)
 
 
 async def http_error(conn: HTTPConnection, exc: Exception) -> Response | None:
@@ -93,8 +102,16 @@ async def livecount_error(conn: HTTPConnection, exc: Exception) -> Response | No
         await conn.close(code=1008 if exc.status < 500 else 1011, reason=exc.message[:120])
         return None
     headers = ({"WWW-Authenticate": "Bearer"} if exc.status == 401
-               else {"Connection": "close"} if exc.status == 413 else None)
+               else {"Connection": "close"} if exc.status == 413
+               else {"Retry-After": str(_retry_after(exc))} if exc.status == 503 else None)
     return error_response(exc.status, exc.code, exc.message, headers)
+
+
+def _retry_after(exc: LivecountError) -> int:
+    """Whole seconds to wait: the exception's own ``retry_after`` (see
+    :class:`~livecount.exceptions.Unavailable`), else the default."""
+    value = getattr(exc, "retry_after", DEFAULT_RETRY_AFTER)
+    return value if isinstance(value, int) and value >= 0 else DEFAULT_RETRY_AFTER
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:

@@ -43,6 +43,7 @@ import asyncio
 import functools
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -53,7 +54,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Scope
 
 from ..exceptions import Forbidden, Unauthorized, Unavailable, ValidationError
-from ..service import Service, Settings
+from ..service import Service, Settings, wait_for_position
 from .auth import bearer_token
 from .hub import Hub, Payload, Stream
 
@@ -67,9 +68,15 @@ CLOSE_DRAIN: Final = 1012
 CLOSE_SLOW: Final = 4000
 #: How long a resume waits for the hub to reach the client's seq (it lags the bus briefly).
 RESUME_WAIT: Final = 1.0
+#: How long a stream connect with ``?after=P`` waits for the counts to reflect P.
+AFTER_WAIT: Final = 5.0
 #: Reconnect delay told to drained clients: this, plus up to the same again at random.
 RETRY_MS: Final = 1000
 _MAX_SEQ_DIGITS: Final = 18
+_EPOCH: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+#: Where a client resumes: (epoch or None when it named none, seq).
+Resume = tuple[str | None, int]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -190,9 +197,13 @@ class Gateway:
     # -- one stream -------------------------------------------------------------------------
 
     async def admit(self, scope: Scope, workspace_id: int, *,
-                    last_event_id: bool) -> tuple[int | None, int | None]:
-        """The viewing teammate (None: the admin) and the seq to resume from, or raise the
-        refusal (:class:`~livecount.exceptions.LivecountError`)."""
+                    last_event_id: bool
+                    ) -> tuple[int | None, Resume | None, tuple[str, int] | None]:
+        """The viewing teammate (None: the admin), where to resume from (``?epoch=E&since=S``,
+        or on SSE ``Last-Event-ID: E:S``) and the outbox position the first counts must
+        reflect (``?after=P``: answered as the (epoch, seq) of the state once it does), or
+        raise the refusal
+        (:class:`~livecount.exceptions.LivecountError`)."""
         conn = HTTPConnection(scope)
         token = bearer_token(conn, query=True)
         if not token:
@@ -205,19 +216,19 @@ class Gateway:
                 await self.service.store.get_workspace(workspace_id)  # NotFound when absent
         elif caller.teammate.workspace_id != workspace_id:
             raise Forbidden(f"this token gives no access to workspace {workspace_id}")
-        raw = conn.query_params.get("since")
-        if raw is None and last_event_id:
-            raw = conn.headers.get("last-event-id")
-        since = None
-        if raw is not None and raw.strip():
-            text = raw.strip()
-            if not text.isdigit() or not text.isascii() or len(text) > _MAX_SEQ_DIGITS:
-                raise ValidationError(f"expected a seq (a non-negative integer), got "
-                                      f"{text[:30]!r}", "since")
-            since = int(text)
+        resume = _resume(conn.query_params.get("epoch"), conn.query_params.get("since"))
+        if resume is None and last_event_id and "since" not in conn.query_params:
+            header = conn.headers.get("last-event-id")
+            if header is not None and header.strip():
+                epoch, _, seq = header.strip().rpartition(":")
+                resume = _resume(epoch or None, seq, "Last-Event-ID")
+        after = conn.query_params.get("after")
         if not self._accepting:
             raise Unavailable("the server is not accepting streams (shutting down); retry")
-        return caller.teammate_id, since
+        reach = None
+        if after is not None:
+            reach = await self._reflect(workspace_id, _number(after, "after"))
+        return caller.teammate_id, resume, reach
 
     async def join(self, workspace_id: int, stream: Stream) -> Hub:
         """Attach ``stream`` to the workspace's hub (starting it if needed)."""
@@ -265,7 +276,8 @@ class Gateway:
         if self._hubs.get(hub.workspace_id) is hub:
             del self._hubs[hub.workspace_id]
 
-    async def serve(self, stream: Stream, since: int | None,
+    async def serve(self, stream: Stream, resume: Resume | None,
+                    after: tuple[str, int] | None,
                     read: Callable[[], Awaitable[None]]) -> str:
         """Run a joined stream until the client goes, it is drained or cut; the outcome:
         ``"disconnected"``, ``"drained"`` (reconnect sent), ``"slow"`` or ``"closed"``."""
@@ -273,7 +285,7 @@ class Gateway:
             stream.scope = tg.cancel_scope
             tg.start_soon(self._read, stream, read)
             try:
-                await self._begin(stream, since)
+                await self._begin(stream, resume, after)
                 await stream.pump()
             except OSError:  # the transport is gone (uvicorn's ClientDisconnected)
                 stream.outcome = stream.outcome or "disconnected"
@@ -288,20 +300,26 @@ class Gateway:
         if stream.scope is not None:
             stream.scope.cancel()
 
-    async def _begin(self, stream: Stream, since: int | None) -> None:
-        """Snapshot, or resume from ``since`` with one merged delta when the bus allows."""
+    async def _begin(self, stream: Stream, resume: Resume | None,
+                     after: tuple[str, int] | None) -> None:
+        """Snapshot, or resume from ``resume`` with one merged delta when the bus allows."""
         hub = stream.hub
         if hub is None:
             return
-        if since is None:
-            stream.start_over()
+        if after is not None:
+            with anyio.move_on_after(RESUME_WAIT):
+                await hub.reach(after[1], after[0])
+        if resume is None or resume[0] is None:
+            stream.start_over(views_dirty=resume is not None)
             return
-        with anyio.move_on_after(RESUME_WAIT):
-            await hub.reach(since)
+        epoch, since = resume
+        if epoch == hub.epoch:
+            with anyio.move_on_after(RESUME_WAIT):
+                await hub.reach(since, epoch)
         messages = None
-        if hub.seq >= since:
+        if epoch == hub.epoch and hub.seq >= since:
             try:
-                messages = await self.service.bus.since(hub.workspace_id, since)
+                messages = await self.service.bus.since(hub.workspace_id, epoch, since)
             except Exception:
                 log.exception("reading the bus for a resume failed; sending a snapshot")
         if (messages is None or hub.views_seq >= since
@@ -310,3 +328,31 @@ class Gateway:
         else:
             stream.resume(hub.resume_keys(messages, stream.teammate))
 
+    async def _reflect(self, workspace_id: int, position: int) -> tuple[str, int]:
+        """Wait (bounded) until the counts reflect outbox position ``position``; the state's
+        (epoch, seq) then."""
+        await wait_for_position(self.service.state, self.service.store, workspace_id,
+                                position, AFTER_WAIT)
+        snapshot = await self.service.state.snapshot(workspace_id)
+        return snapshot.epoch, snapshot.seq
+
+
+def _number(text: str, name: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or not text.isascii() or len(text) > _MAX_SEQ_DIGITS:
+        raise ValidationError(f"expected a non-negative integer, got {text[:30]!r}", name)
+    return int(text)
+
+
+def _resume(epoch: str | None, since: str | None, name: str = "since") -> Resume | None:
+    """(epoch, seq) to resume from; epoch None when the client named none (it then gets a
+    snapshot: seqs compare only within one epoch)."""
+    if since is None or not since.strip():
+        if epoch is not None:
+            raise ValidationError("epoch without since; expected ?epoch=E&since=S", "epoch")
+        return None
+    seq = _number(since, name)
+    if epoch is not None and not _EPOCH.fullmatch(epoch):
+        raise ValidationError(f"expected an epoch as sent in a snapshot, got {epoch[:30]!r}",
+                              "epoch" if name == "since" else name)
+    return epoch, seq

@@ -54,12 +54,12 @@ class Payload:
     most once per payload however many connections send it.
     """
 
-    __slots__ = ("_sse", "_text", "body", "retry", "seq")
+    __slots__ = ("_sse", "_text", "body", "event_id", "retry")
 
-    def __init__(self, message: dict[str, Any], seq: int | None = None,
+    def __init__(self, message: dict[str, Any], event_id: str | None = None,
                  retry: int | None = None) -> None:
         self.body = _encode(message)
-        self.seq = seq  # the SSE ``id:`` (snapshots and deltas)
+        self.event_id = event_id  # the SSE ``id:`` (snapshots and deltas): ``epoch:seq``
         self.retry = retry  # the SSE ``retry:`` (reconnect)
         self._text: str | None = None
         self._sse: bytes | None = None
@@ -74,8 +74,8 @@ class Payload:
     def sse(self) -> bytes:
         if self._sse is None:
             head = b""
-            if self.seq is not None:
-                head += b"id: %d\n" % self.seq
+            if self.event_id is not None:
+                head += b"id: " + self.event_id.encode() + b"\n"
             if self.retry is not None:
                 head += b"retry: %d\n" % self.retry
             self._sse = head + b"data: " + self.body + b"\n\n"
@@ -310,6 +310,7 @@ class Hub:
         self.flush_interval = flush_interval
         self.streams: set[Stream] = set()
         self.counts: Counts = {}
+        self.epoch = ""
         self.seq = 0
         self.views: dict[int, View] = {}
         #: the hub's seq when it last saw the views change (a resume from at or before it
@@ -342,7 +343,10 @@ class Hub:
                 while True:
                     try:
                         async for message in subscription:
-                            self._on_message(message)
+                            if self._continues(message):
+                                self._on_message(message)
+                            elif message.epoch != self.epoch or message.seq > self.seq:
+                                await self._resync()
                         break  # the bus closed: the service is stopping
                     except Overflow:
                         log.warning("stream hub of workspace %d fell behind the bus; "
@@ -360,6 +364,7 @@ class Hub:
     async def _load(self) -> None:
         snapshot = await self.service.state.snapshot(self.workspace_id)
         self.counts = dict(snapshot.counts)
+        self.epoch = snapshot.epoch
         self._advance(snapshot.seq)
         self.views = {v.id: v for v in self.service.relay.views(self.workspace_id)}
 
@@ -369,9 +374,21 @@ class Hub:
         self._advanced.set()
         self._advanced = asyncio.Event()
 
-    async def reach(self, seq: int) -> None:
-        """Return once the hub has applied the bus up to ``seq``."""
-        while self.seq < seq:
+    def _continues(self, message: BusMessage) -> bool:
+        """Whether ``message`` follows what the hub holds without a gap: same epoch, the next
+        seq (or an older one, already included), and not a reset."""
+        return message.epoch == self.epoch and (
+            message.seq <= self.seq or (message.seq == self.seq + 1
+                                        and message.kind != "reset"))
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    async def reach(self, seq: int, epoch: str | None = None) -> None:
+        """Return once the hub has applied the bus up to ``seq`` (of ``epoch``: another
+        epoch is never reached)."""
+        while self.seq < seq and (epoch is None or epoch == self.epoch):
             await self._advanced.wait()
 
     async def _resync(self) -> None:
@@ -491,7 +508,8 @@ class Hub:
 
     def _delta(self, me: int | None, keys: Iterable[CounterKey]) -> Payload:
         counts = render_keys(self.views, self.counts, me, keys)
-        return Payload({"type": "delta", "seq": self.seq, "counts": counts}, self.seq)
+        return Payload({"type": "delta", "epoch": self.epoch, "seq": self.seq,
+                        "counts": counts}, self.event_id)
 
     # -- what streams send ------------------------------------------------------------------
 
@@ -500,7 +518,8 @@ class Hub:
         if payload is None:
             counts = render_counts(self.views.values(), self.counts, me)
             payload = self._snapshots[me] = Payload(
-                {"type": "snapshot", "seq": self.seq, "counts": counts}, self.seq)
+                {"type": "snapshot", "epoch": self.epoch, "seq": self.seq, "counts": counts},
+                self.event_id)
         return payload
 
     def views_payload(self, me: int | None) -> Payload:
@@ -528,7 +547,8 @@ class Hub:
                     counts[key] = value
         if not counts and not force:
             return None
-        return Payload({"type": "delta", "seq": self.seq, "counts": counts}, self.seq)
+        return Payload({"type": "delta", "epoch": self.epoch, "seq": self.seq,
+                        "counts": counts}, self.event_id)
 
     def resume_keys(self, messages: Iterable[BusMessage], me: int | None) -> set[CounterKey]:
         """The counters ``me`` sees among those the bus messages changed."""

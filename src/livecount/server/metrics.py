@@ -37,6 +37,15 @@ _LIVE: Final[dict[str, tuple[str, str]]] = {
     "livecount_relay_errors": ("counter", "Relay steps that failed (and were retried)."),
     "livecount_outbox_lag_entries": ("gauge", "Outbox entries committed, not yet applied."),
     "livecount_drift_repaired": ("counter", "Counters the reconciler found drifted, repaired."),
+    "livecount_reconciles": ("counter", "Workspace reconciles completed (scheduled and on "
+                             "demand)."),
+    "livecount_poison_entries": ("counter", "Outbox entries that could not be applied: "
+                                 "recorded, skipped, their workspace recounted."),
+    "livecount_reopens_written": ("counter", "Snoozed conversations reopened by the relay."),
+    "livecount_outbox_pruned": ("counter", "Applied outbox entries pruned after the "
+                                "retention."),
+    "livecount_schedule_entries": ("gauge", "Pending time-driven entries (flips and "
+                                   "reopens) held in memory."),
     "livecount_process_threads": ("gauge", "Threads of this process."),
     "livecount_process_resident_memory_bytes": ("gauge", "Resident set size of this process."),
     "livecount_process_open_fds": ("gauge", "Open file descriptors of this process."),
@@ -99,6 +108,11 @@ class Metrics:
             "livecount_relay_entries_applied": relay.entries_applied,
             "livecount_relay_errors": relay.errors,
             "livecount_drift_repaired": relay.drift_repaired,
+            "livecount_reconciles": relay.reconciles,
+            "livecount_poison_entries": relay.poison_entries,
+            "livecount_reopens_written": relay.reopens_written,
+            "livecount_outbox_pruned": relay.outbox_pruned,
+            "livecount_schedule_entries": relay.scheduled,
             "livecount_process_threads": self._process.num_threads(),
             "livecount_process_resident_memory_bytes": self._process.memory_info().rss,
             "livecount_process_open_fds": self._process.num_fds(),

@@ -36,8 +36,8 @@ _ERROR_TEXT: Final[dict[int, str]] = {
     413: "The request body is larger than 1 MiB.",
     503: "Draining, or above the soft memory watermark.",
 }
-_WRITE_ERRORS: Final = (400, 401, 403, 404, 405, 413)
-_READ_ERRORS: Final = (400, 401, 403, 404, 405)
+_WRITE_ERRORS: Final = (400, 401, 403, 404, 405, 413, 503)
+_READ_ERRORS: Final = (400, 401, 403, 404, 405, 503)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -216,8 +216,15 @@ def _paths() -> dict[str, Any]:
     admin_errors = (*_WRITE_ERRORS, 409)
     stream_params = [
         _WS,
+        {"name": "epoch", "in": "query", "schema": {"type": "string",
+                                                    "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+         "description": "The epoch of the seq to resume from (as sent in a snapshot)."},
         {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0},
-         "description": "Resume after this seq."},
+         "description": "Resume after this seq of that epoch: one merged delta when the "
+                        "server still holds it, else a snapshot."},
+        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+         "description": "The first counts reflect at least this outbox position (a write's "
+                        "Livecount-Position); 503 if they do not within a bounded wait."},
         {"name": "token", "in": "query", "schema": {"type": "string"},
          "description": "The bearer token (browsers cannot set headers on these)."},
     ]
@@ -309,15 +316,38 @@ def _paths() -> dict[str, Any]:
         f"{ws}/counts": {"get": _op("Every visible view's count", "200", _json(
             {"type": "object", "required": ["seq", "counts"],
              "properties": {"seq": {"type": "integer"}, "counts": _ref("Counts")}},
-            "As the caller sees them, as of seq."), _READ_ERRORS, parameters=[_WS])},
+            "As the caller sees them, as of seq."), _READ_ERRORS, parameters=[_WS, {
+                "name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                "description": "Answer once the counts reflect at least this outbox "
+                               "position (a write's Livecount-Position header); 503 when "
+                               "they do not within a bounded wait."}])},
+        f"{ws}/reconcile": {"post": _op(
+            "Recount every view and repair drift (admin)", "200", _json(
+                {"type": "object", "required": ["position", "views_checked", "drift",
+                                                "repaired"],
+                 "properties": {
+                     "position": {"type": "integer"},
+                     "views_checked": {"type": "integer"},
+                     "drift": {"type": "array", "items": {
+                         "type": "object",
+                         "required": ["view", "group", "teammate", "state", "sql"],
+                         "properties": {
+                             "view": {"type": "integer"},
+                             "group": {"type": ["string", "null"]},
+                             "teammate": {"type": ["integer", "null"]},
+                             "state": {"type": "integer"},
+                             "sql": {"type": "integer"}}}},
+                     "repaired": {"type": "boolean"}}},
+                "What the recount found at position, compared with the live counter "
+                "state, and whether it was repaired."), _WRITE_ERRORS, parameters=[_WS])},
         f"{ws}/stream": {"get": _op(
             "Live counts (Server-Sent Events)", "200", {
                 "description": "Events: snapshot, delta, views, reconnect (JSON data; id is "
-                               "the seq).",
+                               "epoch:seq).",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             (401, 403, 404), parameters=[*stream_params, {
                 "name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
-                "description": "Resume after this seq."}])},
+                "description": "Resume after this event id (epoch:seq)."}])},
         f"{ws}/ws": {"get": _op(
             "Live counts (WebSocket)", "101", {"description": "Switching to the WebSocket "
                                                               "protocol."},

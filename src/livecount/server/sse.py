@@ -57,7 +57,7 @@ class EventStream:
         gateway = self.gateway
         workspace_id: int = scope["path_params"]["workspace_id"]
         try:
-            teammate, since = await gateway.admit(scope, workspace_id, last_event_id=True)
+            teammate, resume, after = await gateway.admit(scope, workspace_id, last_event_id=True)
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
                 await send({"type": "http.response.body", "body": b""})
@@ -71,7 +71,8 @@ class EventStream:
             return
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            outcome = await gateway.serve(stream, since, lambda: _until_disconnect(receive))
+            outcome = await gateway.serve(stream, resume, after,
+                                         lambda: _until_disconnect(receive))
         finally:
             gateway.leave(stream)
         if outcome in ("drained", "slow", "closed"):

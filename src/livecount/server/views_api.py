@@ -20,19 +20,33 @@ from starlette.routing import BaseRoute, Route
 from .. import conversations
 from ..domain import NOBODY, check_text, now_us
 from ..exceptions import NotFound, ValidationError
-from ..service import Caller, Service
-from ..store.base import View
+from ..service import Caller, Service, wait_for_position
+from ..store.base import View, written_position
 from ..views import Rendered, render_counts, view_to_wire, visible_views
 from .auth import service_of, workspace_caller
 from .body import fields, read_json
 from .errors import JSONResponse
 
-__all__ = ["DEFAULT_LIMIT", "counts_for", "routes", "settle"]
+__all__ = ["AFTER_WAIT", "DEFAULT_LIMIT", "POSITION_HEADER", "counts_for", "position_headers",
+           "routes", "settle"]
 
 log = logging.getLogger("livecount.server")
 
 DEFAULT_LIMIT: Final = 50
 SETTLE_TIMEOUT: Final = 2.0
+#: How long ``GET /counts?after=P`` waits for the counts to reflect P before a 503.
+AFTER_WAIT: Final = 5.0
+#: The response header naming the outbox position a write committed at (DESIGN §5).
+POSITION_HEADER: Final = "Livecount-Position"
+
+
+def position_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus ``Livecount-Position`` when this request's task wrote to the outbox."""
+    out = dict(headers or {})
+    position = written_position.get()
+    if position:
+        out[POSITION_HEADER] = str(position)
+    return out
 
 
 async def settle(service: Service, done: Callable[[], bool]) -> None:
@@ -103,7 +117,7 @@ async def create_view(request: Request) -> Response:
         workspace_id, body["name"], body["filter"], body.get("group_by"),
         caller.teammate_id if personal else None)
     await settle(service, _installed(service, view))
-    return JSONResponse(view_to_wire(view), status_code=201)
+    return JSONResponse(view_to_wire(view), status_code=201, headers=position_headers())
 
 
 async def replace_view(request: Request) -> Response:
@@ -115,7 +129,7 @@ async def replace_view(request: Request) -> Response:
                                            body["filter"], body.get("group_by"),
                                            body.get("position"))
     await settle(service, _installed(service, view))
-    return JSONResponse(view_to_wire(view))
+    return JSONResponse(view_to_wire(view), headers=position_headers())
 
 
 async def delete_view(request: Request) -> Response:
@@ -125,7 +139,7 @@ async def delete_view(request: Request) -> Response:
     await service.store.delete_view(view.workspace_id, view.id)
     await settle(service, lambda: all(v.id != view.id
                                       for v in service.relay.views(view.workspace_id)))
-    return Response(status_code=204)
+    return Response(status_code=204, headers=position_headers())
 
 
 def _limit(request: Request) -> int:
@@ -154,7 +168,16 @@ async def list_conversations(request: Request) -> Response:
 async def get_counts(request: Request) -> Response:
     workspace_id = request.path_params["workspace_id"]
     caller = await workspace_caller(request, workspace_id)
-    seq, _, counts = await counts_for(service_of(request), workspace_id, caller.teammate_id)
+    service = service_of(request)
+    after = request.query_params.get("after")
+    if after is not None:
+        text = after.strip()
+        if not text.isascii() or not text.isdigit() or len(text) > 18:
+            raise ValidationError(f"expected an outbox position (a non-negative integer), "
+                                  f"got {after[:40]!r}", "after")
+        await wait_for_position(service.state, service.store, workspace_id, int(text),
+                                AFTER_WAIT)
+    seq, _, counts = await counts_for(service, workspace_id, caller.teammate_id)
     return JSONResponse({"seq": seq, "counts": counts})
 
 

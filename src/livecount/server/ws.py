@@ -52,7 +52,7 @@ class WebSocketStream:
         gateway = self.gateway
         workspace_id: int = scope["path_params"]["workspace_id"]
         try:
-            teammate, since = await gateway.admit(scope, workspace_id, last_event_id=False)
+            teammate, resume, after = await gateway.admit(scope, workspace_id, last_event_id=False)
             stream = WsStream(teammate, send)
             await gateway.join(workspace_id, stream)
         except LivecountError as exc:
@@ -60,7 +60,8 @@ class WebSocketStream:
             return
         try:
             await send({"type": "websocket.accept"})
-            outcome = await gateway.serve(stream, since, lambda: _until_disconnect(receive))
+            outcome = await gateway.serve(stream, resume, after,
+                                         lambda: _until_disconnect(receive))
         except OSError:  # gone during the handshake
             return
         finally:

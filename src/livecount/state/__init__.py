@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..exceptions import ValidationError
-from .base import CounterState, StateSnapshot, Update
+from .base import CounterState, StateConflict, StateSnapshot, Update
 from .memory import MemoryState
 
-__all__ = ["CounterState", "MemoryState", "StateSnapshot", "Update", "open_state"]
+__all__ = ["CounterState", "MemoryState", "StateConflict", "StateSnapshot", "Update", "open_state"]
 
 
 def open_state(url: str = "memory://") -> CounterState:

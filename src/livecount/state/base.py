@@ -1,4 +1,19 @@
-"""The counter state contract: counts per workspace, the seq and outbox position they reflect."""
+"""The counter state contract: counts per workspace, with the seq, outbox position and epoch
+they reflect.
+
+Every change is atomic and carries what makes it safe to retry:
+
+- ``apply`` adds deltas only if the stored position is the one the caller computed them
+  against (``expect``), and records the new position in the same atomic step. Sending the same
+  batch again after an exception whose outcome is unknown (a timeout after the write landed)
+  is recognised as a duplicate and changes nothing; any other mismatch is a
+  :class:`StateConflict`.
+- ``replace`` and ``assign`` set values instead of adding them, so repeating one is harmless.
+
+The **epoch** names the incarnation of the stored counters: seqs compare only within one
+epoch. A backend that loses its data (a restart of a memory state, a flushed Redis) starts a
+new epoch, so a client can never mix seqs of two numberings.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +22,16 @@ from typing import Protocol
 
 import msgspec
 
+from ..exceptions import LivecountError
 from ..store.base import Counts
 
-__all__ = ["CounterState", "StateSnapshot", "Update"]
+__all__ = ["CounterState", "StateConflict", "StateSnapshot", "Update"]
 
 
 class StateSnapshot(msgspec.Struct, frozen=True):
     """All counters of a workspace at ``seq`` (after applying the outbox up to ``position``)."""
 
+    epoch: str
     seq: int
     position: int
     counts: Counts
@@ -22,10 +39,26 @@ class StateSnapshot(msgspec.Struct, frozen=True):
 
 class Update(msgspec.Struct, frozen=True):
     """What one atomic state change did: the new seq and the new value of every counter it
-    changed (0 for a counter that became empty)."""
+    changed (0 for a counter that became empty). ``duplicate``: the change had already been
+    applied (nothing changed now, and what changed then is not known here)."""
 
+    epoch: str
     seq: int
     changed: Counts
+    duplicate: bool = False
+
+
+class StateConflict(LivecountError):
+    """The stored position is neither the one a batch was computed against nor the one it
+    leads to: someone else changed the counters. The caller must recount."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, workspace_id: int, stored: int, expected: int) -> None:
+        super().__init__(f"counter state of workspace {workspace_id} is at position {stored}, "
+                         f"expected {expected}")
+        self.stored = stored
 
 
 class CounterState(Protocol):
@@ -36,20 +69,30 @@ class CounterState(Protocol):
         """The stored state, or None when this backend holds nothing for the workspace."""
         ...
 
-    async def apply(self, workspace_id: int, deltas: Counts, position: int) -> Update:
-        """Add ``deltas`` and record ``position``, atomically."""
+    async def apply(self, workspace_id: int, deltas: Counts, position: int,
+                    expect: int) -> Update:
+        """Add ``deltas`` and record ``position``, atomically, if the stored position is
+        ``expect``. If it is already ``position`` (and ``position != expect``): a duplicate,
+        nothing changes. Else :class:`StateConflict`. The seq advances when a counter
+        changed."""
         ...
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None) -> Update:
-        """Set the counters of ``view_ids`` (all when None) to ``counts``: what a recount
-        found. Counters of those views absent from ``counts`` become 0. Always advances the
-        seq, even when no counter changed: it marks a change of views, which a client
-        resuming from an earlier seq must learn about."""
+        """Set the counters of ``view_ids`` (all when None) to ``counts``, what a recount
+        found, and record ``position``. Counters of those views absent from ``counts`` become
+        0. Always advances the seq, even when no counter changed: it marks a change of views,
+        which a client resuming from an earlier seq must learn about."""
         ...
 
-    async def drop_views(self, workspace_id: int, view_ids: Iterable[int],
-                         position: int) -> Update: ...
+    async def assign(self, workspace_id: int, values: Counts) -> Update:
+        """Set each counter of ``values`` (0 removes it): a reconcile's repair. The position
+        is unchanged; the seq advances when a counter changed."""
+        ...
+
+    async def position(self, workspace_id: int) -> int:
+        """The outbox position the workspace's counters reflect (0: none yet)."""
+        ...
 
     async def snapshot(self, workspace_id: int) -> StateSnapshot: ...
 

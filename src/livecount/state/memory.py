@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 
 from ..store.base import Counts
-from .base import StateSnapshot, Update
+from .base import StateConflict, StateSnapshot, Update
 
 __all__ = ["MemoryState"]
 
@@ -22,10 +23,12 @@ class _Workspace:
 class MemoryState:
     """Plain dictionaries. Each method runs without awaiting, so it is atomic on the loop.
 
-    Nothing survives a restart (``load`` returns None): the relay rebuilds by recount.
+    Nothing survives a restart (``load`` returns None): the relay rebuilds by recount, and
+    the new process's state has a new epoch.
     """
 
     def __init__(self) -> None:
+        self.epoch = secrets.token_hex(6)
         self._workspaces: dict[int, _Workspace] = {}
 
     def _get(self, workspace_id: int) -> _Workspace:
@@ -37,8 +40,13 @@ class MemoryState:
     async def load(self, workspace_id: int) -> StateSnapshot | None:
         return None
 
-    async def apply(self, workspace_id: int, deltas: Counts, position: int) -> Update:
+    async def apply(self, workspace_id: int, deltas: Counts, position: int,
+                    expect: int) -> Update:
         ws = self._get(workspace_id)
+        if ws.position != expect:
+            if ws.position == position:
+                return Update(self.epoch, ws.seq, {}, duplicate=True)
+            raise StateConflict(workspace_id, ws.position, expect)
         counts = ws.counts
         changed: Counts = {}
         for key, delta in deltas.items():
@@ -50,7 +58,8 @@ class MemoryState:
             else:
                 del counts[key]
             changed[key] = value
-        return self._commit(ws, changed, position)
+        ws.position = position
+        return self._commit(ws, changed)
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None) -> Update:
@@ -67,22 +76,34 @@ class MemoryState:
             if value and ws.counts.get(key) != value:
                 ws.counts[key] = value
                 changed[key] = value
-        return self._commit(ws, changed, position, bump=True)
+        ws.position = position
+        return self._commit(ws, changed, bump=True)
 
-    async def drop_views(self, workspace_id: int, view_ids: Iterable[int],
-                         position: int) -> Update:
-        return await self.replace(workspace_id, {}, position, view_ids)
+    async def assign(self, workspace_id: int, values: Counts) -> Update:
+        ws = self._get(workspace_id)
+        changed: Counts = {}
+        for key, value in values.items():
+            if ws.counts.get(key, 0) == value:
+                continue
+            if value:
+                ws.counts[key] = value
+            else:
+                del ws.counts[key]
+            changed[key] = value
+        return self._commit(ws, changed)
+
+    async def position(self, workspace_id: int) -> int:
+        ws = self._workspaces.get(workspace_id)
+        return 0 if ws is None else ws.position
 
     async def snapshot(self, workspace_id: int) -> StateSnapshot:
         ws = self._get(workspace_id)
-        return StateSnapshot(ws.seq, ws.position, dict(ws.counts))
+        return StateSnapshot(self.epoch, ws.seq, ws.position, dict(ws.counts))
 
-    @staticmethod
-    def _commit(ws: _Workspace, changed: Counts, position: int, bump: bool = False) -> Update:
-        ws.position = max(ws.position, position)
+    def _commit(self, ws: _Workspace, changed: Counts, bump: bool = False) -> Update:
         if changed or bump:
             ws.seq += 1
-        return Update(ws.seq, changed)
+        return Update(self.epoch, ws.seq, changed)
 
     async def close(self) -> None:
         self._workspaces.clear()

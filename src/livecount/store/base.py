@@ -9,6 +9,7 @@ they use; ``close()`` releases all of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -26,7 +27,13 @@ __all__ = [
     "Teammate",
     "View",
     "Workspace",
+    "written_position",
 ]
+
+#: The outbox position the current task's last write committed at (0: none yet). A store
+#: sets it after each write that appended to the outbox, in the caller's context, so an API
+#: handler can tell its client which position to wait for (read-your-writes).
+written_position: ContextVar[int] = ContextVar("livecount_written_position", default=0)
 
 
 class Workspace(msgspec.Struct, frozen=True):
@@ -66,6 +73,17 @@ class OutboxEntry(msgspec.Struct, frozen=True):
 
     ``kind == "conversation"``: ``before``/``after`` are :class:`Image` (``before`` None on
     create). ``kind == "view"``: ``after`` is the :class:`View`, None when it was deleted.
+
+    ``error`` is None for every entry that decoded. A *poison* entry (a stored row that cannot
+    be decoded: bad JSON or a wrong shape in ``before``/``after``, an unknown ``kind``, a
+    malformed column) is still returned, in its place in position order, so one bad row
+    never wedges a reader: ``error`` then describes the problem briefly, ``before`` and
+    ``after`` are None, ``kind`` is the stored kind when it is ``"conversation"`` or
+    ``"view"`` and ``"conversation"`` otherwise (the error names the stored one), and
+    ``workspace_id``/``entity_id``/``version``/``committed_at`` are as stored (0 where the
+    stored value is not an integer). A reader must check ``error`` before anything else and
+    never apply such an entry: record it (:meth:`Store.record_poison`), skip it, and recount
+    its workspace (DESIGN §6, guarantee 3).
     """
 
     position: int
@@ -76,6 +94,7 @@ class OutboxEntry(msgspec.Struct, frozen=True):
     before: Image | View | None
     after: Image | View | None
     committed_at: int
+    error: str | None = None
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -147,6 +166,26 @@ class Store(Protocol):
     # the log and consistent reads
     async def read_outbox(self, after: int, limit: int) -> list[OutboxEntry]: ...
     async def outbox_position(self) -> int: ...
+    async def prune_outbox(self, applied: int, older_than_us: int) -> int:
+        """Delete entries at positions ``<= applied`` committed before ``older_than_us`` (µs
+        since the epoch), in bounded chunks; return how many were deleted.
+
+        The newest entry is never deleted, so positions never go backwards or get reused and
+        :meth:`outbox_position` is unchanged by a prune.
+        """
+        ...
+    async def outbox_floor(self) -> int:
+        """The lowest position still stored minus one (0 when nothing was pruned): every
+        entry after it is available; a reader needing one at or before it was pruned."""
+        ...
+    async def record_poison(self, position: int, workspace_id: int, error: str) -> None:
+        """Remember an entry that can never be applied. Recording a position again keeps the
+        first record."""
+        ...
+    async def list_poison(self, workspace_id: int | None = None
+                          ) -> list[tuple[int, int, str]]:
+        """``(position, workspace_id, error)`` of recorded poison entries, by position."""
+        ...
     def on_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) after each commit; returns an unsubscribe."""
         ...

@@ -30,6 +30,7 @@ __all__ = [
     "conversations",
     "metadata",
     "outbox",
+    "outbox_poison",
     "settings",
     "team_members",
     "teammates",
@@ -146,6 +147,17 @@ outbox = Table(
     Column("after", Text),
     Column("committed_at", BigInteger, nullable=False),
     sqlite_autoincrement=True,
+)
+
+#: Outbox entries that can never be applied (DESIGN §6, guarantee 3), one row per position:
+#: recorded by the relay, which then skips the entry and recounts its workspace. Not pruned
+#: with the outbox, so an operator can still see what was skipped.
+outbox_poison = Table(
+    "outbox_poison", metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("workspace_id", BigInteger, nullable=False, index=True),
+    Column("error", Text, nullable=False),
+    Column("recorded_at", BigInteger, nullable=False),
 )
 
 #: Small key/value facts about the deployment (the admin token's hash).

@@ -18,7 +18,7 @@ from sqlalchemy.pool import QueuePool
 from ..exceptions import ValidationError
 from .sqlstore import WRITE_OPTION, SQLStore
 
-__all__ = ["PRAGMAS", "SQLiteStore"]
+__all__ = ["BUSY_TIMEOUT_PARAM", "DEFAULT_BUSY_TIMEOUT_MS", "PRAGMAS", "SQLiteStore"]
 
 PRAGMAS: Final = (
     "PRAGMA journal_mode=WAL",
@@ -28,10 +28,30 @@ PRAGMAS: Final = (
 )
 #: One writer thread + two reader threads, one connection each, and never more.
 _POOL_SIZE: Final = 3
+#: The store URL's query parameter that overrides PRAGMA busy_timeout (milliseconds).
+BUSY_TIMEOUT_PARAM: Final = "busy_timeout_ms"
+DEFAULT_BUSY_TIMEOUT_MS: Final = 5000
+_MAX_BUSY_TIMEOUT_MS: Final = 600_000
+
+
+def _busy_timeout_ms(raw: str | tuple[str, ...] | None) -> int:
+    if raw is None:
+        return DEFAULT_BUSY_TIMEOUT_MS
+    text = raw if isinstance(raw, str) else raw[-1]
+    if not text.isascii() or not text.isdigit() or int(text) > _MAX_BUSY_TIMEOUT_MS:
+        raise ValidationError(f"{BUSY_TIMEOUT_PARAM} must be an integer from 0 to "
+                              f"{_MAX_BUSY_TIMEOUT_MS} (milliseconds)")
+    return int(text)
 
 
 class SQLiteStore(SQLStore):
-    """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
+    """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+    ``?busy_timeout_ms=N`` (0 to 600000; default 5000) sets how long a connection waits for
+    a lock another process holds before it gives up with "database is locked" (which the
+    API answers 503 with ``Retry-After``). The parameter is the store's: it is taken out of
+    the URL before SQLAlchemy sees it.
+    """
 
     def __init__(self, url: str) -> None:
         try:
@@ -48,12 +68,21 @@ class SQLiteStore(SQLStore):
                 "in-memory SQLite is not supported: the store's writer and reader threads use "
                 "separate connections, which must share one database file; "
                 "use sqlite:///path/to/file.db")
+        self.busy_timeout_ms = _busy_timeout_ms(parsed.query.get(BUSY_TIMEOUT_PARAM))
+        self._engine_url = parsed.difference_update_query([BUSY_TIMEOUT_PARAM])
         super().__init__(url)
 
     def _create_engine(self) -> Engine:
-        engine = sa.create_engine(self.url, poolclass=QueuePool, pool_size=_POOL_SIZE,
+        engine = sa.create_engine(self._engine_url, poolclass=QueuePool, pool_size=_POOL_SIZE,
                                   max_overflow=0, pool_timeout=30)
         event.listen(engine, "connect", _configure)
+        if self.busy_timeout_ms != DEFAULT_BUSY_TIMEOUT_MS:
+            pragma = f"PRAGMA busy_timeout={self.busy_timeout_ms}"
+
+            def busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.execute(pragma)  # after _configure's PRAGMAS: it wins
+
+            event.listen(engine, "connect", busy_timeout)
         event.listen(engine, "begin", _begin)
         return engine
 

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +39,22 @@ from ..exceptions import (
 )
 from ..filters.parse import parse_filter
 from . import rows
-from .base import OutboxEntry, Page, Recount, Snapshot, Team, Teammate, View, Workspace
+from .base import (
+    OutboxEntry,
+    Page,
+    Recount,
+    Snapshot,
+    Team,
+    Teammate,
+    View,
+    Workspace,
+    written_position,
+)
 from .schema import (
     conversations,
     metadata,
     outbox,
+    outbox_poison,
     settings,
     team_members,
     teammates,
@@ -55,10 +67,13 @@ from .seed import FOLDERS
 __all__ = [
     "MAX_NAME",
     "MAX_OUTBOX_BATCH",
+    "MAX_POISON_ERROR",
     "MAX_VIEWS",
+    "PRUNE_CHUNK",
     "WRITE_OPTION",
     "SQLStore",
     "hash_token",
+    "transient_error",
 ]
 
 T = TypeVar("T")
@@ -67,6 +82,12 @@ MAX_VIEWS: Final = 1000
 MAX_NAME: Final = 200
 MAX_TEAM_MEMBERS: Final = 10_000
 MAX_OUTBOX_BATCH: Final = 10_000
+#: Outbox rows deleted per write transaction by :meth:`SQLStore.prune_outbox`, so a big prune
+#: holds the write lock only briefly at a time and other writes interleave.
+PRUNE_CHUNK: Final = 10_000
+#: Longest poison description stored; longer ones are cut.
+MAX_POISON_ERROR: Final = 1000
+_MAX_ERROR_DETAIL: Final = 200
 #: Calls waiting for the store's threads at once; past it a call is refused (503) at once
 #: instead of growing the executors' queues without bound under overload.
 MAX_PENDING_CALLS: Final = 2048
@@ -86,6 +107,47 @@ _PERSON_FIELDS: Final = ("assignee_id", "author_id", "mentions", "unread_by")
 def hash_token(token: str) -> str:
     """The stored form of a bearer token: tokens are random, so plain SHA-256 suffices."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+#: SQLite primary result codes of a failure that passes by itself: BUSY, LOCKED (another
+#: connection holds the lock past ``busy_timeout``), NOMEM, IOERR, FULL, PROTOCOL. Every
+#: other code of an ``OperationalError`` (SQLITE_ERROR: "no such table", a syntax error;
+#: CANTOPEN: a wrong path) is a bug or a misconfiguration and stays a 500.
+_SQLITE_TRANSIENT: Final = frozenset({5, 6, 7, 10, 13, 15})
+_SQLITE_BUSY_LOCKED: Final = frozenset({5, 6})
+_BUSY_MESSAGE: Final = "the database is busy (locked); retry shortly"
+
+
+def transient_error(exc: sa.exc.SQLAlchemyError) -> Unavailable | None:
+    """The 503 a database failure deserves when retrying can succeed, else None (a bug: 500).
+
+    Transient: a lost or refused connection (``DisconnectionError``, an invalidated
+    connection), no free pooled connection in time (pool ``TimeoutError``), and an
+    ``OperationalError`` of the server databases (psycopg raises it for a server that is
+    down, restarting or out of connections, lock and statement timeouts, deadlocks,
+    serialization failures). SQLite raises ``OperationalError`` for bugs too ("no such
+    table", syntax errors), so there only the result codes in :data:`_SQLITE_TRANSIENT` count.
+    """
+    if isinstance(exc, sa.exc.TimeoutError):
+        return Unavailable("the database has no free connection (pool timeout); retry shortly")
+    if isinstance(exc, sa.exc.DisconnectionError) or (
+            isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated):
+        return Unavailable("the database connection was lost; retry shortly")
+    if not isinstance(exc, sa.exc.OperationalError):
+        return None
+    orig = exc.orig
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        text = str(orig).lower()
+        if not isinstance(code, int):  # a driver without result codes: its messages
+            busy = text.startswith(("database is locked", "database table is locked"))
+            return Unavailable(_BUSY_MESSAGE) if busy else None
+        if code & 0xFF in _SQLITE_BUSY_LOCKED:
+            return Unavailable(_BUSY_MESSAGE)
+        if code & 0xFF in _SQLITE_TRANSIENT:
+            return Unavailable(f"the database is unavailable ({text[:80]}); retry shortly")
+        return None
+    return Unavailable("the database is unavailable (OperationalError); retry shortly")
 
 
 def _encode(value: Image | View | None) -> str | None:
@@ -138,21 +200,54 @@ def _view(row: sa.RowMapping) -> View:
 
 
 def _entry(row: sa.RowMapping) -> OutboxEntry:
+    """Decode one outbox row; never raises: a row that does not decode comes back as a poison
+    entry (``error`` set, see :class:`OutboxEntry`), so one bad row cannot wedge a reader."""
     kind: Literal["conversation", "view"]
     decoder: msgspec.json.Decoder[Image] | msgspec.json.Decoder[View]
-    if row["kind"] == "conversation":
+    stored_kind = row["kind"]
+    if stored_kind == "conversation":
         kind, decoder = "conversation", _IMAGE_DECODER
-    elif row["kind"] == "view":
+    elif stored_kind == "view":
         kind, decoder = "view", _VIEW_DECODER
     else:
-        raise StoreError(f"outbox row {row['id']} has unknown kind {row['kind']!r}")
-    before, after = row["before"], row["after"]
+        return _poison(row, "conversation", f"unknown kind {_short(stored_kind)}")
+    images: list[Image | View | None] = []
+    for column in ("before", "after"):
+        value = row[column]
+        try:
+            images.append(None if value is None else decoder.decode(value))
+        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            return _poison(row, kind, f"{column}: {_short(str(exc), repr_=False)}")
+    if not all(_is_int(row[name])
+               for name in ("workspace_id", "entity_id", "version", "committed_at")):
+        return _poison(row, kind, "a malformed column (workspace_id, entity_id, version or "
+                                  "committed_at is not an integer)")
     return OutboxEntry(
         position=row["id"], workspace_id=row["workspace_id"], kind=kind,
-        entity_id=row["entity_id"], version=row["version"],
-        before=None if before is None else decoder.decode(before),
-        after=None if after is None else decoder.decode(after),
-        committed_at=row["committed_at"])
+        entity_id=row["entity_id"], version=row["version"], before=images[0],
+        after=images[1], committed_at=row["committed_at"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, repr_: bool = True) -> str:
+    text = repr(value) if repr_ else str(value)
+    return text if len(text) <= _MAX_ERROR_DETAIL else text[:_MAX_ERROR_DETAIL - 3] + "..."
+
+
+def _poison(row: sa.RowMapping, kind: Literal["conversation", "view"],
+            error: str) -> OutboxEntry:
+    def number(name: str) -> int:
+        value = row[name]
+        return value if _is_int(value) else 0
+
+    return OutboxEntry(
+        position=row["id"], workspace_id=number("workspace_id"), kind=kind,
+        entity_id=number("entity_id"), version=number("version"), before=None, after=None,
+        committed_at=number("committed_at"),
+        error=f"undecodable outbox entry {row['id']}: {error}")
 
 
 def _inserted_id(result: sa.CursorResult[Any]) -> int:
@@ -184,6 +279,7 @@ class SQLStore:
         self._callbacks_lock = threading.Lock()
         self._next_callback = 0
         self._appended = 0  # outbox rows in the current write; touched by the writer only
+        self._appended_at = 0  # the position of the last of them
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url!r}>"
@@ -248,29 +344,38 @@ class SQLStore:
         try:
             return await future
         except sa.exc.SQLAlchemyError as exc:
+            unavailable = transient_error(exc)
+            if unavailable is not None:
+                raise unavailable from exc
             raise StoreError(f"database error ({type(exc).__name__})") from exc
         finally:
             self._pending.discard(future)
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in one write transaction on the writer thread."""
+        """Run ``fn(conn, *args)`` in one write transaction on the writer thread; the outbox
+        position it committed at (if it appended) goes to :data:`written_position`."""
         engine, writer, _ = self._live()
-        return await self._call(writer, self._run_write, engine, fn, args)
+        done: tuple[T, int] = await self._call(writer, self._run_write, engine, fn, args)
+        if done[1]:
+            written_position.set(done[1])
+        return done[0]
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one read transaction (one snapshot) on a reader."""
         engine, _, readers = self._live()
         return await self._call(readers, self._run_read, engine, fn, args)
 
-    def _run_write(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _run_write(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]
+                   ) -> tuple[T, int]:
         self._appended = 0
+        self._appended_at = 0
         with engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 result = fn(conn, *args)
         if self._appended:
             self._notify()
-        return result
+        return result, self._appended_at
 
     def _run_read(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         with engine.connect() as conn:
@@ -310,10 +415,11 @@ class SQLStore:
     def _append_outbox(self, conn: Connection, workspace_id: int,
                        kind: Literal["conversation", "view"], entity_id: int, version: int,
                        before: Image | View | None, after: Image | View | None) -> None:
-        conn.execute(outbox.insert().values(
+        result = conn.execute(outbox.insert().values(
             workspace_id=workspace_id, kind=kind, entity_id=entity_id, version=version,
             before=_encode(before), after=_encode(after), committed_at=now_us()))
         self._appended += 1
+        self._appended_at = _inserted_id(result)
 
     def _next_conversation_id(self, conn: Connection) -> int:
         """The id of the next conversation: ``MAX(id) + 1``.
@@ -326,6 +432,12 @@ class SQLStore:
 
     @staticmethod
     def _position(conn: Connection) -> int:
+        """The newest outbox position: ``MAX(id)``, 0 before the first write.
+
+        Correct after any prune because :meth:`prune_outbox` never deletes the newest row, so
+        the maximum survives (a deleted maximum would make this go backwards, and on a table
+        without AUTOINCREMENT SQLite would even hand the same id out again).
+        """
         return int(conn.scalar(sa.select(sa.func.coalesce(sa.func.max(outbox.c.id), 0))) or 0)
 
     @staticmethod
@@ -708,6 +820,142 @@ class SQLStore:
 
     async def outbox_position(self) -> int:
         return await self._read(self._position)
+
+    # -- retention and poison entries ------------------------------------------------------
+
+    async def prune_outbox(self, applied: int, older_than_us: int) -> int:
+        """Delete entries at positions ``<= applied`` committed before ``older_than_us`` (µs
+        since the epoch); return how many were deleted.
+
+        At most :data:`PRUNE_CHUNK` rows go per write transaction, so other writes interleave
+        with a big prune. The newest entry is always kept, whatever ``applied`` says: positions
+        then never go backwards (:meth:`outbox_position` is ``MAX(id)``) and are never reused,
+        even in a database file whose outbox predates AUTOINCREMENT, and on any backend. On
+        SQLite the write-ahead log is checkpointed afterwards so it does not grow; the freed
+        pages of the main file are reused by later writes, so no VACUUM is needed.
+        """
+        for name, value in (("applied", applied), ("older_than_us", older_than_us)):
+            if not _is_int(value) or not 0 <= value <= _MAX_ID:
+                raise ValidationError("expected a non-negative integer", name)
+        engine, _, _ = self._live()
+        deleted = 0
+        last = 0
+        while True:
+            count, last = await self._write(self._prune_chunk, applied, older_than_us, last)
+            deleted += count
+            if last == 0 or count < PRUNE_CHUNK:
+                break
+        if deleted:
+            await self._call(self._live()[1], self._reclaim_log, engine)
+        return deleted
+
+    @staticmethod
+    def _prune_chunk(conn: Connection, applied: int, older_than_us: int,
+                     after: int) -> tuple[int, int]:
+        """Delete the next chunk of prunable rows past position ``after``; return how many
+        went and the position to continue after (0 when there is nothing more)."""
+        newest = conn.scalar(sa.select(sa.func.max(outbox.c.id)))
+        if newest is None:
+            return 0, 0
+        bound = min(applied, int(newest) - 1)  # never the newest row
+        prunable = ((outbox.c.id > after) & (outbox.c.id <= bound)
+                    & (outbox.c.committed_at < older_than_us))
+        chunk = sa.select(outbox.c.id).where(prunable).order_by(outbox.c.id).limit(PRUNE_CHUNK)
+        upto = conn.scalar(sa.select(sa.func.max(chunk.subquery().c.id)))
+        if upto is None:
+            return 0, 0
+        result = conn.execute(outbox.delete().where(prunable & (outbox.c.id <= upto)))
+        return int(result.rowcount), int(upto)
+
+    def _reclaim_log(self, engine: Engine) -> None:
+        """After a prune, outside any transaction: keep the database's log from growing.
+
+        On SQLite, checkpoint the WAL and truncate it. The busy timeout is lowered meanwhile so
+        a reader holding an old snapshot costs the writer thread at most a moment (the
+        checkpoint then does what it can; SQLite's auto-checkpoint finishes later). Other
+        backends need nothing here. Failures are logged, never raised: the prune committed.
+        """
+        if engine.dialect.name != "sqlite":
+            return
+        try:
+            raw = engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                try:
+                    cursor.execute("PRAGMA busy_timeout")
+                    row = cursor.fetchone()
+                    timeout = int(row[0]) if row else 0
+                    cursor.execute("PRAGMA busy_timeout=50")
+                    try:
+                        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        cursor.fetchall()
+                    finally:
+                        cursor.execute(f"PRAGMA busy_timeout={timeout}")
+                finally:
+                    cursor.close()
+            finally:
+                raw.close()
+        except Exception:
+            _log.warning("checkpointing the SQLite log after a prune failed", exc_info=True)
+
+    async def outbox_floor(self) -> int:
+        """The lowest position still stored minus one (0 when nothing was pruned).
+
+        Every entry after it is available to :meth:`read_outbox`; a reader that needs one at
+        or before it (a resume, a relay far behind) must fall back to a snapshot or recount.
+        """
+        def run(conn: Connection) -> int:
+            lowest = conn.scalar(sa.select(sa.func.min(outbox.c.id)))
+            return 0 if lowest is None else max(int(lowest) - 1, 0)
+        return await self._read(run)
+
+    async def record_poison(self, position: int, workspace_id: int, error: str) -> None:
+        """Remember the entry at ``position`` as one that can never be applied.
+
+        Idempotent: recording a position again keeps the first record. ``error`` longer than
+        :data:`MAX_POISON_ERROR` characters is cut.
+        """
+        if not _valid_id(position):
+            raise ValidationError("expected a position (a positive integer)", "position")
+        if not (_is_int(workspace_id) and 0 <= workspace_id <= _MAX_ID):
+            raise ValidationError("expected a workspace id (a non-negative integer)",
+                                  "workspace_id")
+        if not isinstance(error, str):
+            raise ValidationError(f"expected a string, got {type_name(error)}", "error")
+        # storable anywhere: no lone surrogates, no NUL (PostgreSQL text refuses both)
+        text = error.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\0")
+        if len(text) > MAX_POISON_ERROR:
+            text = text[:MAX_POISON_ERROR - 3] + "..."
+        await self._write(self._record_poison, position, workspace_id, text)
+
+    @staticmethod
+    def _record_poison(conn: Connection, position: int, workspace_id: int, error: str) -> None:
+        exists = sa.select(outbox_poison.c.position).where(outbox_poison.c.position == position)
+        if conn.scalar(exists) is not None:
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(outbox_poison.insert().values(
+                    position=position, workspace_id=workspace_id, error=error,
+                    recorded_at=now_us()))
+        except sa.exc.IntegrityError:  # another process recorded it first: keep theirs
+            pass
+
+    async def list_poison(self, workspace_id: int | None = None
+                          ) -> list[tuple[int, int, str]]:
+        """``(position, workspace_id, error)`` of the recorded poison entries, by position;
+        only ``workspace_id``'s when given."""
+        if workspace_id is not None and not _is_int(workspace_id):
+            raise ValidationError(f"expected a workspace id or null, got "
+                                  f"{type_name(workspace_id)}", "workspace_id")
+
+        def run(conn: Connection) -> list[tuple[int, int, str]]:
+            query = sa.select(outbox_poison.c.position, outbox_poison.c.workspace_id,
+                              outbox_poison.c.error).order_by(outbox_poison.c.position)
+            if workspace_id is not None:
+                query = query.where(outbox_poison.c.workspace_id == workspace_id)
+            return [(r.position, r.workspace_id, r.error) for r in conn.execute(query)]
+        return await self._read(run)
 
     async def snapshot(self, workspace_id: int) -> Snapshot:
         """The workspace's views and conversations and the outbox position they reflect."""

@@ -1,0 +1,435 @@
+"""Exact under faults: the relay over a store, a counter state and a bus that fail at calls
+chosen by hypothesis (before or after the real call, with every kind of exception).
+
+After the faults stop and the SAME relay catches up, every counter equals the SQL recount at
+the same outbox position and instant, and a reader that follows the bus (applying deltas,
+reloading on a gap, a reset or another epoch) holds exactly the state's counters.
+
+The named regression tests below reproduce the failures found on the code before atomic
+apply; each failed there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from livecount.bus import MemoryBus
+from livecount.bus.base import BusMessage
+from livecount.domain import format_timestamp
+from livecount.exceptions import Unavailable
+from livecount.relay import Relay
+from livecount.state import MemoryState
+from livecount.store import open_store
+from livecount.store.base import Counts, Store
+from tests.faults import KINDS, Faults, Faulty, InjectedFault
+from tests.strategies import NOW, conversation_bodies, patches, views
+from tests.test_relay import remap, tenant
+from tests.test_schedule import timed_filters
+
+pytestmark = pytest.mark.anyio
+
+FAILURES = (Unavailable, TimeoutError, InjectedFault)
+SECOND = 1_000_000
+
+
+class Follower:
+    """A bus reader like a gateway's hub: applies deltas in seq order, reloads the state on
+    a gap, a reset or another epoch."""
+
+    def __init__(self, bus: MemoryBus, state: MemoryState, workspace_id: int) -> None:
+        self.subscription = bus.subscribe(workspace_id, maxsize=1 << 20)
+        self.state = state
+        self.workspace_id = workspace_id
+        self.epoch = ""
+        self.seq = -1
+        self.counts: Counts = {}
+        self.reloads = 0
+
+    async def reload(self) -> None:
+        snapshot = await self.state.snapshot(self.workspace_id)
+        self.epoch, self.seq, self.counts = snapshot.epoch, snapshot.seq, dict(snapshot.counts)
+        self.reloads += 1
+
+    async def drain(self) -> None:
+        queue = self.subscription._queue
+        while not queue.empty():
+            message = queue.get_nowait()
+            assert isinstance(message, BusMessage)
+            if message.epoch == self.epoch and message.seq <= self.seq:
+                continue
+            if (message.epoch != self.epoch or message.seq != self.seq + 1
+                    or message.kind == "reset"):
+                await self.reload()
+                continue
+            for key, value in message.counts.items():
+                if value:
+                    self.counts[key] = value
+                else:
+                    self.counts.pop(key, None)
+            self.seq = message.seq
+
+
+async def settle(relay: Relay, store: Store, clock: list[int]) -> None:
+    """Faults are off: let the same relay catch up with everything (reopens included)."""
+    for _ in range(50):
+        await relay.sync()
+        await relay.reopen_due()
+        await relay.step()  # flips due now, and messages that failed to publish
+        if relay.position == await store.outbox_position():
+            return
+    pytest.fail("the relay never caught up")
+
+
+async def assert_exact(relay: Relay, store: Store, state: MemoryState, ws: int,
+                       clock: list[int]) -> None:
+    recount = await store.recount(ws, relay.views(ws), clock[0])
+    assert recount.position == relay.position
+    assert (await state.snapshot(ws)).counts == recount.counts
+
+
+@contextlib.asynccontextmanager
+async def make_world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    """A real store, memory state and bus, their faulty wrappers and a fake clock."""
+    store = open_store(f"sqlite:///{tmp_path}/faults-{random.getrandbits(32)}.db")
+    await store.open()
+    state, bus = MemoryState(), MemoryBus()
+    faults = Faults(enabled=False)
+    clock = [NOW]
+    relays: list[Relay] = []
+    try:
+        yield {"store": store, "state": state, "bus": bus, "faults": faults, "clock": clock,
+               "faulty": (Faulty(store, "store", faults), Faulty(state, "state", faults),
+                          Faulty(bus, "bus", faults)), "relays": relays}
+    finally:
+        faults.enabled = False
+        for relay in relays:
+            await relay.stop()
+        await bus.close()
+        await store.close()
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    async with make_world(tmp_path) as value:
+        yield value
+
+
+def relay_of(world: dict[str, Any], **options: Any) -> Relay:
+    store, state, bus = world["faulty"]
+    clock = world["clock"]
+    relay = Relay(store, state, bus, clock=lambda: clock[0], **options)
+    world["relays"].append(relay)  # stopped by the world, even when the test fails
+    return relay
+
+
+# -- the property ------------------------------------------------------------------------------
+
+fault_plans = st.dictionaries(st.integers(1, 120), st.sampled_from(sorted(KINDS)), max_size=25)
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple[int, tuple[Any, ...]]]:
+    """User actions, each with the number of relay steps tried after it."""
+    return [(draw(st.integers(0, 3)), op) for op in draw(_actions())]
+
+
+@st.composite
+def _actions(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    ops: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["create", "create", "patch", "patch", "tick", "view",
+                                     "timed-view", "drop-view", "snooze"]))
+        if kind == "create":
+            ops.append((kind, draw(conversation_bodies())))
+        elif kind == "patch":
+            ops.append((kind, draw(st.integers(0, 50)), draw(patches())))
+        elif kind == "tick":
+            ops.append((kind, draw(st.sampled_from([1, 30 * SECOND, 1800 * SECOND,
+                                                    3600 * SECOND, 86400 * SECOND]))))
+        elif kind == "view":
+            ops.append((kind, draw(views())))
+        elif kind == "timed-view":
+            ops.append((kind, draw(timed_filters()), draw(st.sampled_from([None, "state",
+                                                                           "tags"]))))
+        elif kind == "drop-view":
+            ops.append((kind, draw(st.integers(0, 50))))
+        else:
+            ops.append((kind, draw(st.integers(0, 50)), draw(st.sampled_from(
+                [1, 60 * SECOND, 3600 * SECOND]))))
+    return ops
+
+
+@settings(deadline=None, max_examples=60,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=operations(), plan=fault_plans, batch=st.integers(1, 4))
+async def test_counts_are_exact_after_faults_at_any_call(tmp_path: Path,
+                                                         ops: list[tuple[int, tuple[Any, ...]]],
+                                                         plan: dict[int, str],
+                                                         batch: int) -> None:
+    async with make_world(tmp_path) as world:
+        store: Store = world["store"]
+        state: MemoryState = world["state"]
+        faults: Faults = world["faults"]
+        clock: list[int] = world["clock"]
+        ws, people, teams = await tenant(store)
+        await store.create_view(ws, "waiting 1h", {"field": "waiting_since",
+                                                   "operator": "older_than", "value": 3600},
+                                "state", None)
+        await store.create_view(ws, "mine", {"field": "assignee_id", "operator": "=",
+                                             "value": "$me"}, None, None)
+        relay = relay_of(world, batch_size=batch)
+        await relay.start(background=False)
+        follower = Follower(world["bus"], state, ws)
+        await follower.reload()
+        faults.at, faults.enabled = plan, True
+        ids: list[int] = []
+        views: list[int] = []
+        try:
+            for steps, op in ops:
+                await apply_op(store, ws, people, teams, ids, views, clock, op)
+                for _ in range(steps):
+                    try:
+                        await relay.step()
+                        await relay.reopen_due()
+                    except FAILURES:
+                        pass
+                await follower.drain()
+            faults.enabled = False
+            await settle(relay, store, clock)
+            await assert_exact(relay, store, state, ws, clock)
+            await follower.drain()
+            assert follower.counts == (await state.snapshot(ws)).counts
+        finally:
+            faults.enabled = False
+
+
+async def apply_op(store: Store, ws: int, people: list[int], teams: list[int], ids: list[int],
+                   views: list[int], clock: list[int], op: tuple[Any, ...]) -> None:
+    """One user action, written straight to the store (users' writes do not fail here)."""
+    kind = op[0]
+    if kind == "create":
+        ids.append((await store.create_conversation(ws, remap(op[1], people, teams),
+                                                    people[0])).id)
+    elif kind == "patch" and ids:
+        await store.update_conversation(ws, ids[op[1] % len(ids)],
+                                        remap(op[2], people, teams), None)
+    elif kind == "tick":
+        clock[0] += op[1]
+    elif kind == "view":
+        spec = op[1]
+        owner = None if spec["owner_id"] is None else people[spec["owner_id"] - 1]
+        views.append((await store.create_view(ws, spec["name"], spec["filter"],
+                                              spec["group_by"], owner)).id)
+    elif kind == "timed-view":
+        views.append((await store.create_view(ws, "timed", op[1], op[2], None)).id)
+    elif kind == "drop-view" and views:
+        await store.delete_view(ws, views.pop(op[1] % len(views)))
+    elif kind == "snooze" and ids:
+        until = format_timestamp(clock[0] + op[2])
+        await store.update_conversation(ws, ids[op[1] % len(ids)],
+                                        {"state": "snoozed", "snoozed_until": until}, None)
+
+
+# -- named regressions: each failed on the code before atomic apply ---------------------------
+
+
+async def test_a_failed_rebuild_snapshot_loses_no_committed_counts(
+        world: dict[str, Any]) -> None:
+    """Three conversations in workspace A and a new workspace B in one batch; B's snapshot
+    fails once while the relay rebuilds it. Before: A's deltas were dropped with the failed
+    step, and the retry skipped their versions as already applied (SQL 3, state nothing)."""
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    a = (await store.create_workspace("A")).id
+    relay = relay_of(world)
+    await relay.start(background=False)
+    for _ in range(3):
+        await store.create_conversation(a, {}, None)
+    await store.create_workspace("B")
+    faults.enabled = True
+    faults.once["store.snapshot"] = "unavailable"
+    with pytest.raises(Unavailable):
+        await relay.sync()
+    assert faults.injected == ["store.snapshot:unavailable"]
+    await relay.sync()
+    await assert_exact(relay, store, world["state"], a, world["clock"])
+    counts = (await world["state"].snapshot(a)).counts
+    names = {v.name: v.id for v in relay.views(a)}
+    assert counts[(names["All"], None, None)] == counts[(names["Unassigned"], None, None)] == 3
+    await relay.stop()
+
+
+async def test_a_failed_outbox_read_loses_no_due_flip(world: dict[str, Any]) -> None:
+    """A conversation crosses "waiting_since older_than 60"; the read of the outbox in the
+    step that applies the flip fails. Before: the flip had been popped already (SQL 1,
+    state 0 forever)."""
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    clock: list[int] = world["clock"]
+    ws = (await store.create_workspace("A")).id
+    view = await store.create_view(ws, "waiting", {"field": "waiting_since",
+                                                   "operator": "older_than", "value": 60},
+                                   None, None)
+    await store.create_conversation(ws, {"waiting_since": format_timestamp(clock[0])}, None)
+    relay = relay_of(world)
+    await relay.start(background=False)
+    await relay.sync()
+    clock[0] += 61 * SECOND
+    faults.enabled = True
+    faults.once["store.read_outbox"] = "unavailable"
+    with pytest.raises(Unavailable):
+        await relay.step()
+    await relay.step()
+    counts = (await world["state"].snapshot(ws)).counts
+    assert counts.get((view.id, None, None)) == 1
+    await assert_exact(relay, store, world["state"], ws, clock)
+    await relay.stop()
+
+
+async def test_a_failed_reopen_write_is_retried(world: dict[str, Any]) -> None:
+    """Snoozes come due; the first write of their reopening fails. Before: every due reopen
+    had been popped, so all of them stayed snoozed for good."""
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    clock: list[int] = world["clock"]
+    ws = (await store.create_workspace("A")).id
+    ids = [(await store.create_conversation(ws, {
+        "state": "snoozed", "snoozed_until": format_timestamp(clock[0] + SECOND)}, None)).id
+        for _ in range(3)]
+    relay = relay_of(world, poll_interval=0.05)
+    await relay.start()
+    clock[0] += 2 * SECOND
+    faults.enabled = True
+    faults.once["store.update_conversation"] = "error"
+    for _ in range(200):
+        if [(await store.get_conversation(ws, i)).state for i in ids] == ["open"] * 3:
+            break
+        await asyncio.sleep(0.02)
+    assert faults.injected == ["store.update_conversation:error"]
+    assert [(await store.get_conversation(ws, i)).state for i in ids] == ["open"] * 3
+    faults.enabled = False
+    await relay.sync()
+    await assert_exact(relay, store, world["state"], ws, clock)
+    await relay.stop()
+
+
+async def test_the_relay_that_crashed_goes_on_exactly(world: dict[str, Any]) -> None:
+    """The state fails between the outbox commit and the counter apply, with the reply lost
+    after the apply landed or before it happened; the SAME relay goes on. Before: a crash
+    test could only restart a fresh relay (recounting from SQL), and the failed relay had
+    recorded the versions it never applied."""
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    ws = (await store.create_workspace("A")).id
+    relay = relay_of(world)
+    await relay.start(background=False)
+    follower = Follower(world["bus"], world["state"], ws)
+    await follower.reload()
+    faults.enabled = True
+    rng = random.Random(3)
+    for kind in ("error", "lost-reply", "timeout", "error-after"):
+        for _ in range(3):
+            await store.create_conversation(ws, {"priority": rng.random() < 0.5}, None)
+        faults.once["state.apply"] = kind
+        with pytest.raises(FAILURES):
+            await relay.sync()
+        await relay.sync()
+        await assert_exact(relay, store, world["state"], ws, world["clock"])
+    await relay.step()
+    await follower.drain()
+    assert follower.counts == (await world["state"].snapshot(ws)).counts
+    assert follower.reloads >= 2  # lost replies were announced as resets
+    await relay.stop()
+
+
+async def test_a_failed_publish_is_sent_later_in_order(world: dict[str, Any]) -> None:
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    ws = (await store.create_workspace("A")).id
+    relay = relay_of(world)
+    await relay.start(background=False)
+    follower = Follower(world["bus"], world["state"], ws)
+    await follower.reload()
+    faults.enabled = True
+    faults.once["bus.publish"] = "unavailable"
+    await store.create_conversation(ws, {}, None)
+    await relay.sync()  # the commit stands; the message waits
+    await store.create_conversation(ws, {}, None)
+    await relay.sync()
+    await follower.drain()
+    assert follower.reloads == 1  # no gap: the first message went out before the second
+    assert follower.counts == (await world["state"].snapshot(ws)).counts
+    await relay.stop()
+
+
+async def test_the_reopen_schedule_holds_one_entry_per_snoozed_conversation(
+        world: dict[str, Any]) -> None:
+    """One conversation snoozed for 30 days and edited 2,000 times. Before: 2,001 entries."""
+    store: Store = world["store"]
+    ws = (await store.create_workspace("A")).id
+    relay = relay_of(world)
+    await relay.start(background=False)
+    conversation = await store.create_conversation(ws, {
+        "state": "snoozed", "snoozed_until": format_timestamp(NOW + 30 * 86400 * SECOND)},
+        None)
+    for i in range(2000):
+        await store.update_conversation(ws, conversation.id, {"priority": i % 2 == 0}, None)
+        if i % 500 == 0:
+            await relay.sync()
+    await relay.sync()
+    assert len(relay._reopens) == 1
+    await relay.stop()
+
+
+async def test_schedules_stay_bounded_under_100000_edits() -> None:
+    """The relay's schedules, fed 100,000 applied images of 50 timed and snoozed
+    conversations: never more entries than conversations with a pending instant."""
+    from livecount.conversations import apply_patch, new_image, validate_body
+    from livecount.schedule import FlipSchedule, ReopenSchedule
+
+    flips, reopens = FlipSchedule(), ReopenSchedule()
+    timers = [(1, "waiting_since", 60 * SECOND), (2, "waiting_since", 3600 * SECOND)]
+    images = [new_image(i, 1, validate_body({
+        "state": "snoozed", "snoozed_until": format_timestamp(NOW + 86400 * SECOND),
+        "waiting_since": format_timestamp(NOW)}, patch=False), None, NOW) for i in range(50)]
+    rng = random.Random(7)
+    most = 0
+    for n in range(100_000):
+        i = rng.randrange(50)
+        images[i] = apply_patch(images[i], validate_body(
+            {"priority": n % 2 == 0, "tags": [str(n % 7)]}, patch=True), NOW)
+        flips.watch(images[i], timers, NOW)
+        reopens.watch(images[i])
+        most = max(most, len(flips), len(reopens))
+    assert most == 50
+
+
+async def test_a_view_created_during_faults_is_installed_exactly(world: dict[str, Any]) -> None:
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    ws = (await store.create_workspace("A")).id
+    for i in range(30):
+        await store.create_conversation(ws, {"tags": ["vip"] if i % 3 else []}, None)
+    relay = relay_of(world)
+    await relay.start(background=False)
+    view = await store.create_view(ws, "vip", {"field": "tags", "operator": "contains",
+                                               "value": "vip"}, None, None)
+    faults.enabled = True
+    faults.once["store.snapshot"] = "timeout"  # the view's count
+    faults.once["state.replace"] = "lost-reply"  # its install
+    await relay.sync()
+    faults.enabled = False
+    await relay.sync()
+    assert set(faults.injected) == {"store.snapshot:timeout", "state.replace:lost-reply"}
+    assert (await world["state"].snapshot(ws)).counts[(view.id, None, None)] == 20
+    await assert_exact(relay, store, world["state"], ws, world["clock"])
+    await relay.stop()
