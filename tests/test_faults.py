@@ -206,6 +206,8 @@ async def test_counts_are_exact_after_faults_at_any_call(tmp_path: Path,
             faults.enabled = False
             await settle(relay, store, clock)
             await assert_exact(relay, store, state, ws, clock)
+            # exact by itself, not by the safety net (a recount after a conflict)
+            assert relay.conflicts == 0
             await follower.drain()
             assert follower.counts == (await state.snapshot(ws)).counts
         finally:
@@ -433,3 +435,103 @@ async def test_a_view_created_during_faults_is_installed_exactly(world: dict[str
     assert (await world["state"].snapshot(ws)).counts[(view.id, None, None)] == 20
     await assert_exact(relay, store, world["state"], ws, world["clock"])
     await relay.stop()
+
+
+async def test_a_poison_entry_is_recorded_skipped_and_recounted(world: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    """An outbox entry that cannot be decoded. Before: it raised for its whole batch on
+    every read, and the relay never moved again."""
+    import sqlite3
+
+    store: Store = world["store"]
+    ws = (await store.create_workspace("A")).id
+    relay = relay_of(world)
+    await relay.start(background=False)
+    first = await store.create_conversation(ws, {"tags": ["vip"]}, None)
+    await store.create_conversation(ws, {}, None)
+    database = store.url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(database)) as raw, raw:
+        position = raw.execute("SELECT max(id) FROM outbox").fetchone()[0]
+        raw.execute("UPDATE outbox SET \"after\" = '{not json' WHERE id = ?", (position,))
+    await store.update_conversation(ws, first.id, {"state": "closed"}, None)
+    await relay.sync()
+    assert relay.poison_entries == 1
+    assert [p for p, _, _ in await store.list_poison(ws)] == [position]
+    assert relay.position == await store.outbox_position()  # it went on past the entry
+    await assert_exact(relay, store, world["state"], ws, world["clock"])  # recounted
+    await store.create_conversation(ws, {}, None)
+    await relay.sync()
+    await assert_exact(relay, store, world["state"], ws, world["clock"])
+
+
+async def test_applied_entries_are_pruned_and_counting_goes_on(world: dict[str, Any]) -> None:
+    store: Store = world["store"]
+    state: MemoryState = world["state"]
+    ws = (await store.create_workspace("A")).id
+    relay = Relay(store, state, world["bus"], clock=lambda: world["clock"][0],
+                  outbox_retention=0.05, poll_interval=0.05)
+    world["relays"].append(relay)
+    await relay.start()
+    for _ in range(40):
+        await store.create_conversation(ws, {"priority": True}, None)
+    await relay.sync()
+    for _ in range(100):
+        if relay.outbox_pruned >= relay.position - 1:
+            break
+        await asyncio.sleep(0.05)
+    assert relay.outbox_pruned == relay.position - 1  # all but the newest one
+    assert await store.outbox_floor() == relay.position - 1
+    view = await store.create_view(ws, "urgent", {"field": "priority", "operator": "=",
+                                                  "value": True}, None, None)
+    await relay.sync()
+    assert (await state.snapshot(ws)).counts[(view.id, None, None)] == 40
+    await assert_exact(relay, store, state, ws, world["clock"])
+
+
+async def test_an_api_storm_never_reaches_the_relay(world: dict[str, Any]) -> None:
+    """5,000 concurrent API-side store calls (token lookups, view lists) overload the
+    store while writes and new workspaces flow: API calls are refused with 503, the relay's
+    own calls never are, and the counts end exact."""
+    store: Store = world["store"]
+    state: MemoryState = world["state"]
+    first = (await store.create_workspace("A")).id
+    relay = Relay(store, state, world["bus"], clock=lambda: world["clock"][0],
+                  poll_interval=0.05)
+    world["relays"].append(relay)
+    await relay.start()
+    refused = 0
+
+    async def api_call(i: int) -> None:
+        nonlocal refused
+        try:
+            if i % 2:
+                await store.authenticate(f"lc_{i:040d}")
+            else:
+                await store.list_views(first)
+        except Unavailable:
+            refused += 1
+
+    async def retrying(call: Any) -> Any:
+        for _ in range(200):
+            try:
+                return await call()
+            except Unavailable:
+                await asyncio.sleep(0.01)
+        raise AssertionError("a user write never got through")
+
+    workspaces = [first]
+    async with asyncio.TaskGroup() as tg:
+        for i in range(5000):
+            tg.create_task(api_call(i))
+        for n in range(60):
+            ws = workspaces[n % len(workspaces)]
+            await retrying(lambda ws=ws, n=n: store.create_conversation(
+                ws, {"priority": n % 2 == 0}, None))
+            if n % 15 == 0:
+                workspace = await retrying(lambda n=n: store.create_workspace(f"W{n}"))
+                workspaces.append(workspace.id)
+    assert refused > 0  # the storm did overload the store
+    await relay.sync()
+    assert relay.errors == 0  # not one relay call failed
+    for ws in workspaces:
+        await assert_exact(relay, store, state, ws, world["clock"])

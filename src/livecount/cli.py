@@ -13,6 +13,17 @@ __all__ = ["main"]
 DEFAULT_STORE = "sqlite:///" + os.path.join(os.getcwd(), "livecount.db")
 
 
+def _seconds_or_off(text: str) -> float | None:
+    """A positive number of seconds, or 0 for off (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive number, got {text!r}")
+    return value or None
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     from .reconcile import reconcile_store, render
 
@@ -30,7 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import Settings
 
     settings = Settings(store_url=args.store, broker_url=args.broker,
-                        flush_interval=args.flush_interval)
+                        flush_interval=args.flush_interval,
+                        reconcile_every=args.reconcile_every,
+                        outbox_retention=args.outbox_retention)
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
                             log_level=args.log_level, timeout_graceful_shutdown=10,
@@ -74,8 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--store", default=DEFAULT_STORE, help="store URL (default: %(default)s)")
     serve.add_argument("--broker", default="memory://",
-                       help="counter state and bus URL: memory:// or redis://... "
+                       help="counter state and bus URL; memory:// is the only backend so far "
                             "(default: %(default)s)")
+    serve.add_argument("--reconcile-every", type=_seconds_or_off, default=300.0,
+                       metavar="SECONDS",
+                       help="recount each workspace against the store this often, spread over "
+                            "workspaces, repairing drift; 0 turns it off (default: "
+                            "%(default)s)")
+    serve.add_argument("--outbox-retention", type=_seconds_or_off, default=24 * 3600.0,
+                       metavar="SECONDS",
+                       help="prune applied outbox entries older than this; 0 keeps them "
+                            "forever (default: %(default)s)")
     serve.add_argument("--flush-interval", type=float, default=0.05,
                        help="seconds between a stream connection's flushes (default: "
                             "%(default)s)")

@@ -47,7 +47,7 @@ from .engine import Delta, Engine
 from .exceptions import LivecountError, NotFound, PreconditionFailed, Unavailable
 from .schedule import DueFlip, FlipSchedule, ReopenSchedule, Timer
 from .state.base import CounterState, StateConflict, Update
-from .store.base import Counts, OutboxEntry, Store, View
+from .store.base import Counts, OutboxEntry, Store, View, relay_lane
 
 __all__ = ["Reconciliation", "Relay"]
 
@@ -143,7 +143,9 @@ class _Count:
         self.views: list[View] = []  # the snapshot's views
 
     async def run(self) -> None:
-        snapshot = await self.relay.store.snapshot(self.workspace_id)
+        # a long read: on the shared readers, so the relay's own reader stays free for steps
+        with relay_lane(False):
+            snapshot = await self.relay.store.snapshot(self.workspace_id)
         self.position = snapshot.position
         self.views = snapshot.views
         self.t0 = self.relay._now()
@@ -163,6 +165,9 @@ class _Count:
 
     async def catch_up(self, target: int) -> None:
         store = self.relay.store
+        if self.position < target and await store.outbox_floor() > self.position:
+            # the entries after the snapshot were pruned meanwhile: count again
+            raise Unavailable("the outbox was pruned past the snapshot; recounting")
         while self.position < target:
             entries = await store.read_outbox(self.position, 1000)
             if not entries:
@@ -216,6 +221,9 @@ class Relay:
         self.poison_entries = 0
         self.reopens_written = 0
         self.outbox_pruned = 0
+        #: commits refused because the state was not where this relay left it (someone else
+        #: wrote the counters); each one costs a recount of the workspace
+        self.conflicts = 0
         self._last_now = 0
         self._workspaces: dict[int, _Workspace] = {}
         self._unbuilt: set[int] = set()  # workspaces whose (re)build failed or is due
@@ -241,13 +249,8 @@ class Relay:
         self._loop = asyncio.get_running_loop()
         self._unsubscribe = self.store.on_commit(self._on_commit)
         try:
-            async with self.lock:
-                self.position = await self.store.outbox_position()
-                for workspace in await self.store.list_workspaces():
-                    self._unbuilt.add(workspace.id)
-                for workspace_id in sorted(self._unbuilt):
-                    with contextlib.suppress(Exception):  # logged; the step retries it
-                        await self._build(workspace_id)
+            with relay_lane():
+                await self._build_all()
         except BaseException:
             await self.stop()
             self._started = False
@@ -260,6 +263,19 @@ class Relay:
             self._spawn(self._reconcile_loop(self.reconcile_every), "livecount-reconciler")
         if self.outbox_retention is not None:
             self._spawn(self._prune_loop(self.outbox_retention), "livecount-outbox-pruner")
+
+    async def _build_all(self) -> None:
+        async with self.lock:
+            self.position = await self.store.outbox_position()
+            for workspace in await self.store.list_workspaces():
+                self._unbuilt.add(workspace.id)
+            for workspace_id in sorted(self._unbuilt):
+                try:
+                    await self._build(workspace_id)
+                except Exception:  # the next step builds it again
+                    self.errors += 1
+                    log.warning("counting workspace %d at start failed; retrying",
+                                workspace_id, exc_info=True)
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
@@ -274,7 +290,7 @@ class Relay:
         self._tasks.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
+        task = asyncio.create_task(_in_relay_lane(coro), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -324,12 +340,21 @@ class Relay:
     async def sync(self) -> None:
         """Return once everything committed before the call is applied, views included
         (tests, the CLI, a write that waits to read itself)."""
-        target = await self.store.outbox_position()
-        while self.position < target or self._unbuilt:
-            await self.step()
-        installs = [t for ws in self._workspaces.values() for t in ws.installs.values()]
-        if installs:
-            await asyncio.wait(installs)
+        while True:
+            with relay_lane():
+                target = await self.store.outbox_position()
+            while self.position < target or self._unbuilt:
+                await self.step()
+            installs = [t for ws in self._workspaces.values() for t in ws.installs.values()]
+            if not installs:
+                return
+            # a count may wait for entries after ``target``: keep stepping meanwhile
+            await asyncio.wait(installs, timeout=0.05)
+
+    def _reached(self, ws: _Workspace) -> int:
+        """The outbox position up to which every entry of ``ws`` is in the state: its own
+        last one, or the relay's cursor when that is further (no entry of ``ws`` between)."""
+        return max(self.position, ws.applied)
 
     @property
     def scheduled(self) -> int:
@@ -347,6 +372,10 @@ class Relay:
         """Apply the next batch of the outbox and the flips now due; True when there may be
         more. Raises if any part failed: the parts that committed stay committed, the rest is
         retried by the next step."""
+        with relay_lane():
+            return await self._step()
+
+    async def _step(self) -> bool:
         async with self.lock:
             await self._publish_all()
             now = self._now()
@@ -439,6 +468,7 @@ class Relay:
             update = await self.state.apply(workspace_id, plan.deltas, plan.position,
                                             plan.expect)
         except StateConflict:
+            self.conflicts += 1
             ws.inflight = None
             self._unbuilt.add(workspace_id)  # someone else changed the counters: recount
             raise
@@ -544,12 +574,10 @@ class Relay:
         self.poison_entries += 1
         log.error("outbox entry %d (workspace %d) cannot be applied: %s; skipped, recounting "
                   "the workspace", entry.position, workspace_id, problem)
-        record = getattr(self.store, "record_poison", None)
-        if record is not None:
-            try:
-                await record(entry.position, workspace_id, problem)
-            except Exception:
-                log.warning("could not record poison entry %d", entry.position, exc_info=True)
+        try:
+            await self.store.record_poison(entry.position, workspace_id, problem)
+        except Exception:  # the recount matters more than the record
+            log.warning("could not record poison entry %d", entry.position, exc_info=True)
         self._unbuilt.add(workspace_id)
         await self._build(workspace_id)
 
@@ -581,7 +609,8 @@ class Relay:
         ws.waiting[view_id] = after
         if view_id not in ws.installs:
             ws.installs[view_id] = asyncio.create_task(
-                self._install(workspace_id, view_id), name=f"livecount-count-view-{view_id}")
+                _in_relay_lane(self._install(workspace_id, view_id)),
+                name=f"livecount-count-view-{view_id}")
 
     def _view_committed(self, workspace_id: int, ws: _Workspace, position: int,
                         update: Update) -> None:
@@ -632,14 +661,15 @@ class Relay:
         ws = self._workspaces.get(workspace_id)
         if ws is None:
             return
-        await counting.catch_up(ws.applied)
+        await counting.catch_up(self._reached(ws))
         async with self.lock:
             ws = self._workspaces.get(workspace_id)
             if ws is None or ws.waiting.get(view.id) is not view:
                 return
-            if ws.inflight is not None or ws.applied < counting.position:
+            if ws.inflight is not None or self._reached(ws) < counting.position:
+                self._wake.set()
                 raise Unavailable("the relay is behind the view's snapshot; retrying")
-            await counting.catch_up(ws.applied)
+            await counting.catch_up(self._reached(ws))
             counts = counting.at(ws.clock)
             update = await self.state.replace(workspace_id, counts, ws.applied, [view.id])
             # committed: reflect it (no await until the publish)
@@ -660,7 +690,7 @@ class Relay:
         count is there, and will cancel or restart it."""
         for _ in range(100):
             ws = self._workspaces.get(workspace_id)
-            if ws is None or ws.applied >= position:
+            if ws is None or self._reached(ws) >= position:
                 return
             self._wake.set()
             await asyncio.sleep(0.01)
@@ -697,6 +727,10 @@ class Relay:
     async def reopen_due(self) -> int:
         """Write every reopen due now; each leaves the schedule once written (or refused
         because a newer version exists). Returns how many were written."""
+        with relay_lane():
+            return await self._reopen_due()
+
+    async def _reopen_due(self) -> int:
         written = 0
         while due := self._reopens.due(self.clock(), REOPEN_BATCH):
             for workspace_id, conversation_id, version in due:
@@ -713,10 +747,26 @@ class Relay:
 
     # -- reconcile --------------------------------------------------------------------------
 
-    async def reconcile(self, workspace_id: int, *, repair: bool = True) -> Reconciliation:
+    async def reconcile(self, workspace_id: int, *, repair: bool = True,
+                        attempts: int = 5) -> Reconciliation:
         """Recount every view of a workspace in one pass over a snapshot (time-dependent
         views included, at the instant the live state reflects), compare with the live state
-        at the same position, and (by default) repair the difference and publish it."""
+        at the same position, and (by default) repair the difference and publish it.
+
+        Retried (``attempts``) when the relay had not reached the snapshot yet or the
+        workspace was recounted meanwhile; then :class:`Unavailable`."""
+        for attempt in range(attempts):
+            try:
+                with relay_lane():
+                    return await self._reconcile(workspace_id, repair)
+            except Unavailable:
+                if attempt == attempts - 1:
+                    raise
+                self._wake.set()
+                await asyncio.sleep(0.02 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    async def _reconcile(self, workspace_id: int, repair: bool) -> Reconciliation:
         started = time.perf_counter()
         ws = self._workspaces.get(workspace_id)
         if ws is None:
@@ -725,12 +775,13 @@ class Relay:
         compiled = list(ws.engine.views.values())
         counting = _Count(self, workspace_id, [c.view for c in compiled])
         await counting.run()
-        await counting.catch_up(ws.applied)
+        await counting.catch_up(self._reached(ws))
         async with self.lock:
             if self._workspaces.get(workspace_id) is not ws or ws.inflight is not None:
                 raise Unavailable("the workspace was recounted meanwhile; retry")
-            await counting.catch_up(ws.applied)
-            if counting.position != ws.applied:
+            await counting.catch_up(self._reached(ws))
+            if counting.position != self._reached(ws):
+                self._wake.set()
                 raise Unavailable("the relay is behind the snapshot; retry")
             checked = {c.id for c in compiled if ws.engine.views.get(c.id) is c}
             expected = {k: v for k, v in counting.at(ws.clock).items() if k[0] in checked}
@@ -760,7 +811,7 @@ class Relay:
                             "%d%s", len(drift), workspace_id, ws.applied,
                             " (repaired)" if repaired else "")
             self.reconciles += 1
-            return Reconciliation(workspace_id, ws.applied, len(checked),
+            return Reconciliation(workspace_id, self._reached(ws), len(checked),
                                   len(compiled) - len(checked), len(expected | actual), drift,
                                   time.perf_counter() - started, values, repaired)
 
@@ -789,19 +840,22 @@ class Relay:
     async def _prune_loop(self, retention: float) -> None:
         """Prune applied outbox entries older than ``retention`` seconds, now and then."""
         period = max(0.05, min(60.0, retention / 4))
-        prune = getattr(self.store, "prune_outbox", None)
-        if prune is None:
-            return
         while True:
             await asyncio.sleep(period)
             try:
                 cutoff = now_us() - int(retention * 1_000_000)
-                self.outbox_pruned += await prune(self.position, cutoff)
+                self.outbox_pruned += await self.store.prune_outbox(self.position, cutoff)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.errors += 1
                 log.warning("pruning the outbox failed; retrying later", exc_info=True)
+
+
+async def _in_relay_lane(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` with its store calls in the relay's lane."""
+    with relay_lane():
+        await coro
 
 
 def _poison(entry: OutboxEntry) -> str | None:

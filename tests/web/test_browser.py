@@ -13,12 +13,15 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from livecount.store import open_store
+from tests.server.stream_support import Model
 
 from .conftest import PERSONAL_VIEW, Inbox, WebServer, auth
 
@@ -290,6 +293,227 @@ async def test_the_page_reconnects_after_a_server_restart_with_correct_counts(
     await expect(ada.get_by_test_id(f"count-{everything}")).to_have_text(
         str(before[str(everything)]), timeout=2_000)
     await assert_counts_match(ada, web_server, inbox, ADA)
+
+
+# -- 2b. resume: ?epoch=E&since=S --------------------------------------------------------------
+
+
+@dataclass
+class Socket:
+    """One WebSocket the page opened, as Playwright saw it: its URL and the JSON it got."""
+
+    url: str
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.url).query).items()}
+
+    @property
+    def counted(self) -> list[dict[str, Any]]:
+        """Its snapshots and deltas."""
+        return [f for f in self.frames if f.get("type") in ("snapshot", "delta")]
+
+
+async def open_watched(browser: Any, url: str, contexts: list[Any]) -> tuple[Any, list[Socket]]:
+    """The page at ``url`` (live, its snapshot shown) and every WebSocket it opens, in order,
+    recorded from before its first one."""
+    context = await browser.new_context(viewport={"width": 1360, "height": 860})
+    contexts.append(context)
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    sockets: list[Socket] = []
+
+    def opened(ws: Any) -> None:
+        sock = Socket(ws.url)
+        sockets.append(sock)
+        ws.on("framereceived", lambda payload: sock.frames.append(json.loads(payload)))
+        ws.on("close", lambda _ws: setattr(sock, "closed", True))
+
+    page.on("websocket", opened)
+    await page.goto(url)
+    await expect_live(page)
+    return page, sockets
+
+
+def last_applied(sockets: list[Socket]) -> tuple[str, int]:
+    """The (epoch, seq) of the last snapshot or delta the page received."""
+    counted = [f for s in sockets for f in s.counted]
+    assert counted, "no snapshot or delta reached the page"
+    return counted[-1]["epoch"], counted[-1]["seq"]
+
+
+async def write(client: httpx.AsyncClient, method: str, path: str, body: dict[str, Any]) -> int:
+    """A write through the API; the outbox position it committed at (Livecount-Position)."""
+    response = await client.request(method, path, json=body)
+    assert response.status_code in (200, 201), response.text
+    position = response.headers.get("Livecount-Position")
+    assert position is not None and position.isdigit(), dict(response.headers)
+    return int(position)
+
+
+async def counts_after(server: WebServer, inbox: Inbox, mate: str, position: int
+                       ) -> dict[str, Any]:
+    """``GET /counts?after=P``: the counts once they reflect the write at ``position``."""
+    async with server.client(inbox.mates[mate].token) as client:
+        response = await client.get(f"/api/workspaces/{inbox.ws}/counts",
+                                    params={"after": position})
+        assert response.status_code == 200, response.text
+        counts: dict[str, Any] = response.json()["counts"]
+        return counts
+
+
+async def test_the_page_resumes_its_stream_after_a_drop_and_a_restart(
+        web_server: WebServer, inbox: Inbox, browser: Any) -> None:
+    """A drop from the server (the drain's reconnect message, same process): the page comes
+    back with ?epoch=E&since=S of what it applied and gets ONE delta of that epoch with what
+    it missed. A restart (a new epoch): the same resume request gets the view list and a
+    snapshot of the new epoch, never a delta of the old numbering."""
+    from playwright.async_api import expect
+
+    from livecount.server.hub import Payload
+
+    everything = inbox.views["All"]
+    open_ids = [c["id"] for c in inbox.conversations if c["state"] == "open"]
+    contexts: list[Any] = []
+    try:
+        ada, sockets = await open_watched(browser, inbox.page_url(web_server, ADA), contexts)
+        await assert_counts_match(ada, web_server, inbox, ADA)
+        first = sockets[0]
+        assert "epoch" not in first.query and "since" not in first.query, first.url
+        assert first.frames[0]["type"] == "snapshot", first.frames[:1]
+        epoch = first.frames[0]["epoch"]
+
+        # 1. the server drops the page's stream (as a drain does), and writes go on meanwhile
+        assert web_server.app is not None
+        hub = web_server.app.state.gateway.hub(inbox.ws)
+        assert hub is not None and len(hub.streams) == 1
+        dropped_at = last_applied(sockets)
+        for stream in list(hub.streams):
+            stream.close(Payload({"type": "reconnect", "reason": "test drop",
+                                  "retry_ms": 2000}, retry=2000))
+        await expect(ada.get_by_test_id("conn-status")).to_have_attribute(
+            "data-state", "reconnecting", timeout=5_000)
+        assert first.frames[-1]["type"] == "reconnect"
+        async with web_server.client(inbox.mates[GRACE].token) as grace:
+            path = f"/api/workspaces/{inbox.ws}/conversations"
+            for target in open_ids[:2]:  # "All" goes down by one in the end
+                await write(grace, "PATCH", f"{path}/{target}", {"state": "closed"})
+            position = await write(grace, "POST", path, {"tags": ["vip"]})
+        expected = await counts_after(web_server, inbox, ADA, position)
+        assert len(sockets) == 1, "the page came back before the writes: retry_ms too short"
+
+        await expect_live(ada)
+        await eventually_true(lambda: len(sockets) >= 2 and bool(sockets[1].counted))
+        resumed = sockets[1]
+        assert resumed.query.get("epoch") == dropped_at[0] == epoch, resumed.url
+        assert resumed.query.get("since") == str(dropped_at[1]), resumed.url
+        assert "token" in resumed.query
+        answer = resumed.counted[0]
+        assert resumed.frames[0] is answer, f"a resume within the epoch: {resumed.frames[:2]}"
+        assert answer["type"] == "delta" and answer["epoch"] == epoch, answer
+        assert answer["seq"] > dropped_at[1]
+        # the one delta carries what the page missed, at its current value: applied to what
+        # the page held, it gives the server's counts
+        held = Model()
+        for frame in first.frames[:-1]:
+            held.apply(frame)
+        assert held.counts != expected and str(everything) in answer["counts"], answer
+        held.apply(answer)
+        assert held.errors == [] and held.counts == expected, (held.counts, expected)
+        await assert_counts_match(ada, web_server, inbox, ADA)
+        assert await count_shown(ada, f"count-{everything}") == expected[str(everything)]
+
+        # 2. a restart: a new process state, so a new epoch
+        before_restart = len(sockets)
+        restart_from = last_applied(sockets)
+        await web_server.stop()
+        await expect(ada.get_by_test_id("conn-status")).to_have_attribute(
+            "data-state", "reconnecting", timeout=5_000)
+        await web_server.start()
+        await expect_live(ada, within_ms=15_000)
+        await eventually_true(lambda: any(s.counted for s in sockets[before_restart:]))
+        later = sockets[before_restart:]
+        for sock in later:  # every attempt asked to resume from what the page held
+            assert sock.query.get("epoch") == restart_from[0], sock.url
+            assert sock.query.get("since") == str(restart_from[1]), sock.url
+        served = next(s for s in later if s.frames)
+        kinds = [f["type"] for f in served.frames]
+        assert kinds[:2] == ["views", "snapshot"], kinds
+        new_epoch = served.frames[1]["epoch"]
+        assert new_epoch != epoch
+        assert all(f["epoch"] == new_epoch for s in later for f in s.counted), [
+            f for s in later for f in s.counted]
+        await assert_counts_match(ada, web_server, inbox, ADA)
+
+        # the new numbering goes on live
+        async with web_server.client(inbox.mates[GRACE].token) as grace:
+            position = await write(grace, "PATCH", f"/api/workspaces/{inbox.ws}/conversations/"
+                                   f"{open_ids[2]}", {"state": "closed"})
+        expected = await counts_after(web_server, inbox, ADA, position)
+        await expect(ada.get_by_test_id(f"count-{everything}")).to_have_text(
+            str(expected[str(everything)]), timeout=2_000)
+        await assert_counts_match(ada, web_server, inbox, ADA)
+        assert served.counted[-1]["epoch"] == new_epoch
+    finally:
+        for context in contexts:
+            await context.close()
+
+
+async def test_a_delta_of_another_epoch_is_never_applied(
+        web_server: WebServer, inbox: Inbox, browser: Any) -> None:
+    """A delta whose epoch is not the snapshot's (injected between the server and the page):
+    the page does not show its counts; it drops the connection and starts over with a
+    snapshot (a connect without epoch/since), then agrees with GET /counts again."""
+    everything = inbox.views["All"]
+    forged = 987_654
+    urls: list[str] = []
+    routes: list[Any] = []
+
+    def route(ws: Any) -> None:  # a transparent proxy to the real server
+        urls.append(ws.url)
+        routes.append(ws)
+        ws.connect_to_server()
+
+    context = await browser.new_context(viewport={"width": 1360, "height": 860})
+    try:
+        page = await context.new_page()
+        page.set_default_timeout(10_000)
+        await page.route_web_socket(lambda url: "/ws?" in url, route)
+        await page.goto(inbox.page_url(web_server, ADA))
+        await expect_live(page)
+        await assert_counts_match(page, web_server, inbox, ADA)
+        # every number any badge shows from now on
+        await page.evaluate("""() => {
+            window.__badges = [];
+            new MutationObserver(() => document.querySelectorAll('#sidebar .badge')
+                .forEach((b) => window.__badges.push(b.textContent)))
+              .observe(document.getElementById('sidebar'),
+                       {subtree: true, childList: true, characterData: true});
+        }""")
+        held = await server_counts(web_server, inbox, ADA)
+        assert len(routes) == 1
+        routes[0].send(json.dumps({"type": "delta", "epoch": "someone-else", "seq": 10**9,
+                                   "counts": {str(everything): forged}}))
+        await eventually_true(lambda: len(urls) >= 2)
+        query = {k: v[0] for k, v in parse_qs(urlsplit(urls[1]).query).items()}
+        assert "epoch" not in query and "since" not in query, urls[1]
+        await expect_live(page)
+        await assert_counts_match(page, web_server, inbox, ADA)
+        assert await count_shown(page, f"count-{everything}") == held[str(everything)]
+        seen: list[str] = await page.evaluate("() => window.__badges")
+        assert str(forged) not in seen
+    finally:
+        await context.close()
+
+
+async def eventually_true(check: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the page's WebSockets")
+        await asyncio.sleep(0.02)
 
 
 # -- 3. the view form --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Bus backends, chosen by URL (``memory://``; ``redis://`` follows)."""
+"""Bus backends, chosen by URL (``memory://`` is the only one so far)."""
 
 from __future__ import annotations
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, compress, islice, repeat
-from operator import attrgetter, methodcaller
+from operator import attrgetter, not_
 from typing import Any, Final
 
 from ..domain import FIELDS, NOBODY, Image, group_text
-from ..filters.tree import And, Comparison, Node, fields_read
+from ..filters.predicate import Predicate, compile_predicate
+from ..filters.tree import NEGATIONS, And, Comparison, Node, Not, Or, fields_read
 from ..store.base import Counts, View
-from .index import KEY_ORDER, MAX_ATOMS, ViewIndex, necessary_condition
+from .index import KEY_ORDER, ViewIndex
 from .views import ALL_FIELDS, FIELD_BITS, CompiledView, changed_fields, compile_view
 
 __all__ = ["Delta", "Engine"]
@@ -193,9 +194,10 @@ class Engine:
               view_ids: Iterable[int] | None = None) -> Counts:
         """Counts of ``view_ids`` (default: every view) over ``images``, from scratch.
 
-        Equal to summing ``deltas(None, image, now)`` over the images, but batched: images
-        are bucketed by the index's keys, then each view is evaluated on its own buckets only
-        (see :meth:`count_into`).
+        Exactly the sum of ``deltas(None, image, now)`` over the images (restricted to those
+        views), computed in one batched pass: images are put in the buckets of the views'
+        index keys, and each view is evaluated on its own buckets only, with its filter
+        specialised to each bucket (see :class:`_CountPlan`). Each id counts once.
         """
         counts: Counts = {}
         plan = self._count_plan(view_ids)
@@ -204,13 +206,17 @@ class Engine:
             plan.run(chunk, now, counts)
         return counts
 
-    def count_into(self, counts: Counts, images: Sequence[Image], now: int,
+    def count_into(self, counts: Counts, images: Iterable[Image], now: int,
                    view_ids: Iterable[int] | None = None) -> Counts:
         """Add the counts of ``view_ids`` (default: every view) over ``images`` to ``counts``
-        and return it: one slice of a :meth:`count`, so a caller can count a large snapshot
-        in chunks (yielding to its event loop in between) and get exactly what ``count`` of
-        the whole gives. Keys whose count becomes 0 are removed. The plan for a set of views
-        is cached until the views change, so repeated calls cost only the counting."""
+        and return it (keys whose count becomes 0 are removed).
+
+        One slice of a :meth:`count`: counting a snapshot slice by slice into one dict
+        (yielding to an event loop in between) gives exactly ``count`` of the whole. The plan
+        for a set of views is built on the first call and kept until the views change, so a
+        slice costs only its counting; the views must not change between the slices of one
+        count. Slices of a few thousand images cost a few percent more than one pass.
+        """
         self._count_plan(view_ids).run(images, now, counts)
         return counts
 
@@ -235,6 +241,7 @@ class Engine:
                 plan = _CountPlan(ViewIndex(chosen), chosen)
             self._count_plans[key] = plan
         return plan
+
 
 def _group_deltas(view: CompiledView, before: Image | None, after: Image | None,
                   teammate: int | None, sign: int, out: list[Delta]) -> None:
@@ -261,38 +268,56 @@ _SCALAR_GROUP: Final = 0  # group by a single-valued field: one value per image 
 _MULTI_GROUP: Final = 1  # a multi-valued field: each element is a group
 _TEXT_GROUP: Final = 2  # custom.<key>: the view's own group function (text forms)
 
-_CUSTOM: Final = attrgetter("custom")
-
 _ONE: Final = 0  # a view's candidates are one bucket
 _DISJOINT: Final = 1  # several buckets of one single-valued shape: no image is in two
-_OVERLAP: Final = 2  # buckets that may share images: de-duplicate
+_OVERLAP: Final = 2  # buckets that may share images: each image counts in the first only
 _EVERYTHING: Final = 3  # no usable index condition: every image is a candidate
+
+_CUSTOM: Final = attrgetter("custom")
+_NUMBER_TYPES: Final = frozenset({bool, int, float})
+_FEW_VALUES: Final = 256
+#: Smallest bucket worth tallying values for (below it, evaluating each image is cheaper).
+_BY_VALUE_AT: Final = 64
+_UNSEEN: Final[Any] = object()
+
+#: A view's filter on the images of one of its buckets: True (all match), False (none), or
+#: the predicate of what is left once the values the bucket's key pins are substituted.
+Residual = Predicate | bool
+#: An index key as :class:`_CountPlan` names it: (shape slot, key in the shape's table).
+_Key = tuple[int, Any]
 
 
 class _Tally:
-    """How :class:`_CountPlan` counts one view."""
+    """How :class:`_CountPlan` counts one view: its buckets and its filter on each."""
 
-    __slots__ = ("by_value", "constant", "exact", "group_kind", "group_of", "keys",
-                 "me_fields", "me_multi", "me_one", "mode", "predicate", "union", "vid", "view")
+    __slots__ = ("by_value", "constant", "group_kind", "group_of", "me_counter", "me_fields",
+                 "me_multi", "me_one", "memo", "memo_now", "mode", "parts", "predicate",
+                 "texts", "union", "vid", "view")
 
-    def __init__(self, view: CompiledView, keys: list[tuple[int, Any]], union: int,
-                 exact: bool) -> None:
+    def __init__(self, view: CompiledView, parts: list[tuple[_Key, Residual]],
+                 union: int) -> None:
         self.view = view
         self.vid = view.id
         self.predicate = view.predicate
         self.mode = view.mode
-        self.keys = keys
+        self.parts = parts
         self.union = union
-        #: the view's filter is exactly its index key (a conjunction of pinned values, none
-        #: trimmed): every image of its bucket matches, no evaluation needed
-        self.exact = exact
-        #: the one field the filter reads besides the single-valued fields its key pins (so
-        #: on its bucket the filter depends on that field's value alone); set when other
-        #: views share the bucket and the field, which then pay one tally of its values
+        #: (union _ONE, plain counts) the one field the residual filter reads besides those
+        #: the key pins: on the bucket it depends on that field's value alone; set when
+        #: other views share the bucket and the field, which then pay one tally of its values
         self.by_value: str | None = None
-        #: the filter reads nothing but the single-valued fields its key pins: on its bucket
-        #: it is a constant, evaluated on one image
+        #: (by_value) the filter's answer per (type, value) of that field, at ``memo_now``:
+        #: kept across the slices of a count
+        self.memo: dict[tuple[type, Any], bool] = {}
+        self.memo_now: int | None = None
+        #: group value → its text, kept across slices
+        self.texts: dict[Any, str] = {}
+        #: (union _ONE) the residual filter reads only fields the key pins: it is a constant
+        #: on the bucket, evaluated on one image
         self.constant = False
+        #: (a shared ``$me`` view, union _ONE) the residual filter is just ``field = $me`` or
+        #: ``field contains $me``: the adjustments are the tally of that field's values
+        self.me_counter = False
         self.group_kind = -1
         self.group_of: Callable[[Image], Any] | None = None
         name = view.view.group_by
@@ -313,186 +338,244 @@ class _Tally:
 
 class _Node:
     """One level of the bucketing trie of a :class:`_CountPlan`: the images that reach it
-    agree on the values of the fields split on above it."""
+    agree on the fields split on above it (equal values, or a common element)."""
 
-    __slots__ = ("finals", "multis", "splits")
+    __slots__ = ("finals", "leaf", "multis", "splits")
 
     def __init__(self) -> None:
-        #: index keys (slot, key) whose bucket is exactly this node's images
-        self.finals: list[tuple[int, Any]] = []
-        #: multi-valued getter, element → index key: one bucket per element
-        self.multis: list[tuple[Callable[[Image], frozenset[Any]], dict[Any, tuple[int, Any]]]]
-        self.multis = []
+        #: index keys whose bucket is exactly this node's images
+        self.finals: list[_Key] = []
         #: single-valued getter, value → child node
         self.splits: list[tuple[Callable[[Image], Any], dict[Any, _Node]]] = []
+        #: multi-valued getter, element → child node (an image goes to each of its elements)
+        self.multis: list[tuple[Callable[[Image], frozenset[Any]], dict[Any, _Node]]] = []
+        #: nothing below: the node only names buckets
+        self.leaf = True
 
 
-#: One index key of a shape still to place in the trie: (its full key, the (field, value)
-#: pairs not split on yet (single-valued fields, in split order), the multi-valued field or
-#: None, the element it must contain).
-_Pending = tuple[tuple[int, Any], tuple[tuple[str, Any], ...], str | None, Any]
-
-
-def _build_trie(pending: list[_Pending]) -> _Node:
+def _build_trie(pending: list[tuple[_Key, tuple[tuple[str, Any, bool], ...]]]) -> _Node:
+    """The trie of index keys, each given with its (field, value, multi-valued) steps."""
     node = _Node()
-    multis: dict[str, dict[Any, tuple[int, Any]]] = {}
-    splits: dict[str, dict[Any, list[_Pending]]] = {}
-    for full, singles, multi, element in pending:
-        if singles:
-            (name, value), rest = singles[0], singles[1:]
-            splits.setdefault(name, {}).setdefault(value, []).append((full, rest, multi,
-                                                                      element))
-        elif multi is None:
+    splits: dict[str, dict[Any, list[Any]]] = {}
+    multis: dict[str, dict[Any, list[Any]]] = {}
+    for full, steps in pending:
+        if not steps:
             node.finals.append(full)
-        else:
-            multis.setdefault(multi, {})[element] = full
-    node.multis = [(attrgetter(name), table) for name, table in multis.items()]
+            continue
+        (name, value, multi), rest = steps[0], steps[1:]
+        (multis if multi else splits).setdefault(name, {}).setdefault(value, []).append(
+            (full, rest))
     node.splits = [(attrgetter(name), {value: _build_trie(items)
                                        for value, items in children.items()})
                    for name, children in splits.items()]
+    node.multis = [(attrgetter(name), {value: _build_trie(items)
+                                       for value, items in children.items()})
+                   for name, children in multis.items()]
+    node.leaf = not node.splits and not node.multis
     return node
 
 
-def _fill(node: _Node, images: list[Image], found: dict[tuple[int, Any], list[Image]]) -> None:
-    """Put ``images`` (all of which reached ``node``) into the buckets below ``node``."""
+def _fill(node: _Node, images: list[Image], found: dict[_Key, list[Image]]) -> None:
+    """Put ``images`` (all of which reached ``node``) into the buckets at and below it.
+
+    Buckets are made for the values present only (a value no key pins is remembered as
+    None), so a small slice of images costs little whatever the number of keys."""
     for full in node.finals:
         found[full] = images
-    for elements, table in node.multis:
-        buckets: dict[Any, list[Image]] = {element: [] for element in table}
+    for getter, children in node.splits:
+        buckets: dict[Any, list[Image] | None] = {}
+        get = buckets.get
+        for image, value in zip(images, map(getter, images), strict=True):
+            bucket = get(value, _UNSEEN)
+            if bucket is _UNSEEN:
+                bucket = buckets[value] = [] if value in children else None
+            if bucket is not None:
+                bucket.append(image)
+        _descend(children, buckets, found)
+    for elements, children in node.multis:
+        buckets = {}
         get = buckets.get
         for image, values in zip(images, map(elements, images), strict=True):
             for value in values:
-                bucket = get(value)
+                bucket = get(value, _UNSEEN)
+                if bucket is _UNSEEN:
+                    bucket = buckets[value] = [] if value in children else None
                 if bucket is not None:
                     bucket.append(image)
-        for element, bucket in buckets.items():
-            if bucket:
-                found[table[element]] = bucket
-    for getter, children in node.splits:
-        buckets = {value: [] for value in children}
-        get = buckets.get
-        for image, value in zip(images, map(getter, images), strict=True):
-            bucket = get(value)
-            if bucket is not None:
-                bucket.append(image)
-        for value, bucket in buckets.items():
-            if bucket:
-                _fill(children[value], bucket, found)
+        _descend(children, buckets, found)
+
+
+def _descend(children: dict[Any, _Node], buckets: dict[Any, list[Image] | None],
+             found: dict[_Key, list[Image]]) -> None:
+    for value, bucket in buckets.items():
+        if bucket is not None:
+            child = children[value]
+            if child.leaf:
+                for full in child.finals:
+                    found[full] = bucket
+            else:
+                _fill(child, bucket, found)
 
 
 class _CountPlan:
     """From-scratch counts of a set of views, batched (see :meth:`Engine.count_into`).
 
     A chunk of images is first put into the buckets of the views' index keys, through a trie
-    of the index's shapes that splits on one field at a time (fields most shapes share first,
-    so ``state`` is read once per image, not once per shape, and a level only looks at the
-    images whose values some key above it pins); then each view runs over the buckets of its
-    own keys only: its predicate is mapped over a whole bucket (``sum(map(...))``, no
-    per-image loop in Python and no delta tuples), and a view whose filter is exactly its key
-    is not evaluated at all. Grouped views tally their group values with a
-    :class:`~collections.Counter`; shared ``$me`` views add, per image, the adjustment of each
-    teammate the image names (as :meth:`Engine._per_teammate` does).
+    that splits on one field at a time (the fields most keys share first, so ``state`` is
+    read once per image, not once per shape, and a level only sees the images whose values
+    some key above it pins). Then each view runs over the buckets of its own keys only, with
+    its filter *specialised* to each bucket: the comparisons the key already decides are
+    substituted (``state = 'open'`` on the ``state = 'open'`` bucket is true), so a view
+    whose filter the key decides costs ``len(bucket)``, and the rest is mapped over the whole
+    bucket at once (``sum(map(...))``, no Python loop per image, no delta tuples). Views that
+    share a bucket and depend there on one field's value alone (``custom.seats >= N``) are
+    evaluated once per distinct value. Grouped views tally their groups with a
+    :class:`~collections.Counter`; shared ``$me`` views add the per-teammate adjustments of
+    each image (as :meth:`Engine._per_teammate` does), by a tally when the filter is just
+    ``field = $me`` on the bucket.
     """
 
     def __init__(self, index: ViewIndex, views: Iterable[CompiledView]) -> None:
-        keys_of: dict[int, list[tuple[int, Any]]] = {}
-        multi_slots: set[int] = set()
+        keys_of: dict[int, list[_Key]] = {}
         shapes = list(index.shapes.values())
         usage = Counter(name for shape in shapes for name in shape.fields)
-        pending: list[_Pending] = []
+
+        def rank(name: str) -> tuple[int, int]:  # shared multi-valued splits cost the most
+            weight = 3 if FIELDS[name].kind.multi else 1
+            return (-usage[name] * weight, KEY_ORDER.index(name))
+
+        pending: list[tuple[_Key, tuple[tuple[str, Any, bool], ...]]] = []
+        known: dict[_Key, dict[str, Any]] = {}
         for slot, shape in enumerate(shapes):
-            if shape.multi is not None:
-                multi_slots.add(slot)
-            order = sorted((i for i, name in enumerate(shape.fields) if name != shape.multi),
-                           key=lambda i: (-usage[shape.fields[i]], KEY_ORDER.index(
-                               shape.fields[i])))
+            order = sorted(range(len(shape.fields)), key=lambda i: rank(shape.fields[i]))
             for key, bucket in shape.table.items():
                 values = _key_values(shape, key)
-                pending.append(((slot, key), tuple((shape.fields[i], values[i]) for i in order),
-                                shape.multi, values[-1] if shape.multi is not None else None))
+                steps = tuple((shape.fields[i], values[i], shape.fields[i] == shape.multi)
+                              for i in order)
+                pending.append(((slot, key), steps))
+                known[slot, key] = dict(zip(shape.fields, values, strict=True))
                 for view in bucket:
                     keys_of.setdefault(id(view), []).append((slot, key))
         self.root = _build_trie(pending)
+        multi_slots = {slot for slot, shape in enumerate(shapes) if shape.multi is not None}
         unindexed = {id(v) for v in index.unindexed}
         self.tallies: list[_Tally] = []
+        sharing: Counter[tuple[_Key, str]] = Counter()
         for view in views:
             keys = keys_of.get(id(view), [])
             if id(view) in unindexed or not keys:
-                union = _EVERYTHING
-            elif len(keys) == 1:
+                self.tallies.append(_Tally(view, [], _EVERYTHING))
+                continue
+            if len(keys) == 1:
                 union = _ONE
             elif len({s for s, _ in keys}) == 1 and keys[0][0] not in multi_slots:
                 union = _DISJOINT
             else:
                 union = _OVERLAP
-            exact = union == _ONE and _key_exact(view)
-            self.tallies.append(_Tally(view, keys, union, exact))
-        # Views counted over one bucket that, there, depend on at most one field's value.
-        pinned = [frozenset(f for f in shape.fields if f != shape.multi) for shape in shapes]
-        sharing: Counter[tuple[tuple[int, Any], str]] = Counter()
-        for tally in self.tallies:
-            if tally.union != _ONE or tally.mode != 0 or tally.exact:
+            trees = [_specialise(view.tree, known[key]) for key in keys]
+            tally = _Tally(view, [(key, tree if isinstance(tree, bool)
+                                   else compile_predicate(tree))
+                                  for key, tree in zip(keys, trees, strict=True)], union)
+            self.tallies.append(tally)
+            tree = trees[0]
+            if union != _ONE or isinstance(tree, bool):
                 continue
-            rest = fields_read(tally.view.tree) - pinned[tally.keys[0][0]]
+            if view.mode == 2:
+                tally.me_counter = (
+                    tally.group_kind < 0 and isinstance(tree, Comparison) and tree.me
+                    and tree.value is None and tree.op in ("=", "contains")
+                    and view.me_fields == (tree.field,))
+                continue
+            pinned = {name for name in known[keys[0]] if not FIELDS[name].kind.multi}
+            rest = fields_read(tree) - pinned
             if not rest:
                 tally.constant = True
-            elif len(rest) == 1:
+            elif len(rest) == 1 and view.mode == 0:
                 tally.by_value = next(iter(rest))
-                sharing[tally.keys[0], tally.by_value] += 1
+                sharing[keys[0], tally.by_value] += 1
         for tally in self.tallies:
-            if tally.by_value is not None and sharing[tally.keys[0], tally.by_value] < 2:
+            if tally.by_value is not None and sharing[tally.parts[0][0], tally.by_value] < 2:
                 tally.by_value = None
 
-    def run(self, images: Sequence[Image], now: int, counts: Counts) -> None:
+    def run(self, images: Iterable[Image], now: int, counts: Counts) -> None:
+        """Add the counts of the plan's views over ``images`` to ``counts``."""
+        if not isinstance(images, list):
+            images = list(images)
         if not images:
             return
-        found: dict[tuple[int, Any], list[Image]] = {}
-        _fill(self.root, list(images), found)
-        nobody = repeat(NOBODY)
-        at = repeat(now)
+        found: dict[_Key, list[Image]] = {}
+        _fill(self.root, images, found)
         empty: list[Image] = []
-        values: dict[tuple[tuple[int, Any], str], _Values | None] = {}
+        values: dict[tuple[_Key, str], _Values | None] = {}
         for tally in self.tallies:
-            union = tally.union
-            pool: Sequence[Image]
-            if union == _ONE:
-                pool = found.get(tally.keys[0], empty)
-            elif union == _EVERYTHING:
-                pool = images
-            elif union == _DISJOINT:
-                pool = list(chain.from_iterable(found.get(k, empty) for k in tally.keys))
-            else:
-                lists = [found.get(k, empty) for k in tally.keys]
-                pool = list(dict(zip(map(id, chain.from_iterable(lists)),
-                                     chain.from_iterable(lists), strict=True)).values())
-            if not pool:
+            union, mode = tally.union, tally.mode
+            if union == _EVERYTHING:
+                if mode == 2:
+                    _add_per_teammate(counts, tally, images, tally.predicate, now)
+                elif mode == 1:
+                    _add_groups(counts, tally, _matching(images, tally.predicate, now))
+                else:
+                    _bump(counts, (tally.vid, None, None),
+                          _how_many(images, tally.predicate, now))
                 continue
-            mode = tally.mode
-            if mode == 0:
-                if tally.exact:
-                    n = len(pool)
+            if union == _ONE:
+                key, residual = tally.parts[0]
+                pool = found.get(key, empty)
+                if not pool or residual is False:
+                    continue
+                if mode == 2:
+                    if tally.me_counter and _add_me_tally(counts, tally, pool):
+                        continue
+                    _add_per_teammate(counts, tally, pool, residual, now)
+                elif mode == 1:
+                    _add_groups(counts, tally, _matching(pool, residual, now))
+                elif residual is True:
+                    _bump(counts, (tally.vid, None, None), len(pool))
                 elif tally.constant:
-                    n = len(pool) if tally.predicate(pool[0], NOBODY, now) else 0
-                elif tally.by_value is not None:
-                    where = (tally.keys[0], tally.by_value)
+                    if residual(pool[0], NOBODY, now):
+                        _bump(counts, (tally.vid, None, None), len(pool))
+                elif tally.by_value is not None and len(pool) >= _BY_VALUE_AT:
+                    where = (key, tally.by_value)
                     if where not in values:
                         values[where] = _tally_values(pool, tally.by_value)
                     tallied = values[where]
-                    if tallied is None:
-                        n = sum(map(tally.predicate, pool, nobody, at))
+                    if tallied is None:  # too many values, or values dict keys would confuse
+                        n = _how_many(pool, residual, now)
                     else:
-                        predicate = tally.predicate
-                        n = sum([count for value, count in tallied[0].items()
-                                 if predicate(tallied[1][value], NOBODY, now)])
-                else:
-                    n = sum(map(tally.predicate, pool, nobody, at))
-                if n:
+                        n = _count_by_value(tally, residual, pool, tallied, now)
                     _bump(counts, (tally.vid, None, None), n)
-            elif mode == 1:
-                _add_groups(counts, tally, pool if tally.exact else
-                            list(compress(pool, map(tally.predicate, pool, nobody, at))))
+                else:
+                    _bump(counts, (tally.vid, None, None), _how_many(pool, residual, now))
+                continue
+            if mode == 2:  # several buckets: the whole filter over their union
+                lists = [found.get(key, empty) for key, _ in tally.parts]
+                pool = list(dict(zip(map(id, chain.from_iterable(lists)),
+                                     chain.from_iterable(lists), strict=True)).values())
+                if pool:
+                    _add_per_teammate(counts, tally, pool, tally.predicate, now)
+                continue
+            seen: set[int] = set()
+            n = 0
+            matched: list[Image] = []
+            for key, residual in tally.parts:
+                pool = found.get(key, empty)
+                if not pool:
+                    continue
+                if union == _OVERLAP:  # count each image in the first bucket it is in
+                    if seen:
+                        pool = list(compress(pool, map(not_, map(seen.__contains__,
+                                                                 map(id, pool)))))
+                    seen.update(map(id, pool))
+                if residual is False or not pool:
+                    continue
+                if mode == 1:
+                    matched += _matching(pool, residual, now)
+                else:
+                    n += _how_many(pool, residual, now)
+            if mode == 1:
+                _add_groups(counts, tally, matched)
             else:
-                _add_per_teammate(counts, tally, pool, now)
+                _bump(counts, (tally.vid, None, None), n)
 
 
 def _key_values(shape: Any, key: Any) -> tuple[Any, ...]:
@@ -505,25 +588,109 @@ def _key_values(shape: Any, key: Any) -> tuple[Any, ...]:
     return (*((prefix,) if len(shape.fields) == 2 else prefix), element)
 
 
-#: How many images of a bucket have each value of a field, and one image per value.
-_Values = tuple[Counter[Any], dict[Any, Image]]
-_NUMBER_TYPES: Final = frozenset({bool, int, float})
+def _specialise(node: Node, known: dict[str, Any]) -> Node | bool:
+    """``node`` on the images of one bucket: every image has ``known[field]`` as the value
+    of each single-valued field the key pins, and contains ``known[field]`` for a
+    multi-valued one. Comparisons those facts decide become True/False and fold away; the
+    rest (``$me``, ranges, text, ``custom.*``…) is kept as it is."""
+    match node:
+        case Comparison(me=False, field=name, op=op, value=value) if name in known:
+            pinned = known[name]
+            positive = NEGATIONS.get(op, op)
+            negate = positive != op
+            if FIELDS[name].kind.multi:
+                if positive == "contains" and value == pinned:
+                    return not negate
+                return node
+            if positive == "=":
+                return bool(pinned == value) != negate
+            if positive == "IN":
+                return (pinned in frozenset(value)) != negate
+            if positive == "is null":
+                return (pinned is None) != negate
+            return node
+        case Comparison():
+            return node
+        case And(children):
+            kept: list[Node] = []
+            for child in children:
+                part = _specialise(child, known)
+                if part is False:
+                    return False
+                if part is not True:
+                    kept.append(part)
+            return True if not kept else kept[0] if len(kept) == 1 else And(tuple(kept))
+        case Or(children):
+            kept = []
+            for child in children:
+                part = _specialise(child, known)
+                if part is True:
+                    return True
+                if part is not False:
+                    kept.append(part)
+            return False if not kept else kept[0] if len(kept) == 1 else Or(tuple(kept))
+        case Not(child):
+            part = _specialise(child, known)
+            return (not part) if isinstance(part, bool) else Not(part)
+    raise AssertionError(node)
+
+
+def _matching(pool: Sequence[Image], residual: Residual, now: int) -> Sequence[Image]:
+    if residual is True:
+        return pool
+    if residual is False:
+        return []
+    return list(compress(pool, map(residual, pool, repeat(NOBODY), repeat(now))))
+
+
+def _how_many(pool: Sequence[Image], residual: Residual, now: int) -> int:
+    if residual is True:
+        return len(pool)
+    if residual is False:
+        return 0
+    return sum(map(residual, pool, repeat(NOBODY), repeat(now)))
+
+
+#: How many images of a bucket have each value of a field, and the values image by image.
+_Values = tuple[Counter[Any], list[Any]]
 
 
 def _tally_values(pool: Sequence[Image], field: str) -> _Values | None:
-    """The values of ``field`` over ``pool``, each with how many images have it and one image
-    that has it; None when two values of different types could be equal as dict keys
-    (``True == 1 == 1.0`` in a custom field), which the filter would tell apart."""
+    """The values of ``field`` over ``pool`` with how many images have each; None when there
+    are too many distinct ones to gain anything, or two values of different types could be
+    equal as dict keys (``True == 1 == 1.0`` in a custom field), which a filter tells apart."""
     if field.startswith("custom."):
-        found = list(map(methodcaller("get", field[7:]), map(_CUSTOM, pool)))
+        found = list(map(dict.get, map(_CUSTOM, pool), repeat(field[7:])))
         if len(_NUMBER_TYPES.intersection(map(type, found))) > 1:
             return None
     else:
         found = list(map(attrgetter(field), pool))
-    return Counter(found), dict(zip(found, pool, strict=True))
+    tallied = Counter(found)
+    return None if len(tallied) > _FEW_VALUES else (tallied, found)
+
+
+def _count_by_value(tally: _Tally, residual: Predicate, pool: Sequence[Image],
+                    tallied: _Values, now: int) -> int:
+    """Images of ``pool`` the residual filter matches, evaluating it once per distinct value
+    of the one field it depends on (on an image that has that value), memoised per view."""
+    memo = tally.memo
+    if tally.memo_now != now or len(memo) > 16 * _FEW_VALUES:
+        memo.clear()
+        tally.memo_now = now
+    counter, found = tallied
+    answers = list(map(memo.get, zip(map(type, counter), counter, strict=True)))
+    if None in answers:
+        for i, value in enumerate(counter):
+            if answers[i] is None:
+                answer = memo[type(value), value] = residual(pool[found.index(value)], NOBODY,
+                                                             now)
+                answers[i] = answer
+    return sum(compress(counter.values(), answers))
 
 
 def _bump(counts: Counts, key: tuple[int, str | None, int | None], n: int) -> None:
+    if not n:
+        return
     value = counts.get(key, 0) + n
     if value:
         counts[key] = value
@@ -542,24 +709,63 @@ def _add_groups(counts: Counts, tally: _Tally, matched: Sequence[Image]) -> None
         values = Counter(map(group_of, matched))
     else:
         values = Counter(chain.from_iterable(map(group_of, matched)))
-    vid = tally.vid
+    vid, texts, get = tally.vid, tally.texts, counts.get
     for value, n in values.items():
-        if value is not None:
-            _bump(counts, (vid, value if kind == _TEXT_GROUP else group_text(value), None), n)
+        if value is None:
+            continue
+        if kind == _TEXT_GROUP:
+            text = value
+        else:
+            text = texts.get(value)
+            if text is None:
+                text = texts[value] = group_text(value)
+        key = (vid, text, None)
+        total = get(key, 0) + n
+        if total:
+            counts[key] = total
+        else:
+            del counts[key]
 
 
-def _add_per_teammate(counts: Counts, tally: _Tally, pool: Sequence[Image], now: int) -> None:
+def _add_me_tally(counts: Counts, tally: _Tally, pool: Sequence[Image]) -> bool:
+    """A shared view whose filter on this bucket is just ``field = $me`` (or ``field
+    contains $me``): nobody matches, and each teammate gains one per image naming them.
+    False (nothing added) when an image names NOBODY itself, which the general path covers."""
+    one = tally.me_one
+    assert one is not None
+    named = Counter(chain.from_iterable(map(one, pool)) if tally.me_multi else map(one, pool))
+    if NOBODY in named:
+        return False
+    vid, get = tally.vid, counts.get
+    for teammate, n in named.items():
+        if teammate is not None:
+            key = (vid, None, teammate)
+            total = get(key, 0) + n
+            if total:
+                counts[key] = total
+            else:
+                del counts[key]
+    return True
+
+
+def _add_per_teammate(counts: Counts, tally: _Tally, pool: Sequence[Image],
+                      predicate: Residual, now: int) -> None:
     """A shared ``$me`` view: base counts (``$me`` = nobody) plus, per image, the adjustment
     f(image, T) - f(image, nobody) of each teammate T the image names."""
-    predicate, vid = tally.predicate, tally.vid
-    seen = list(map(predicate, pool, repeat(NOBODY), repeat(now)))
+    vid = tally.vid
     grouped = tally.group_kind >= 0
+    if isinstance(predicate, bool):  # the filter does not depend on $me here
+        if predicate:
+            if grouped:
+                _add_groups(counts, tally, pool)
+            else:
+                _bump(counts, (vid, None, None), len(pool))
+        return
+    seen = list(map(predicate, pool, repeat(NOBODY), repeat(now)))
     if grouped:
         _add_groups(counts, tally, list(compress(pool, seen)))
     else:
-        n = sum(seen)
-        if n:
-            _bump(counts, (vid, None, None), n)
+        _bump(counts, (vid, None, None), sum(seen))
     adjust: dict[Any, int] = {}
     get = adjust.get
     one = tally.me_one
@@ -574,8 +780,7 @@ def _add_per_teammate(counts: Counts, tally: _Tally, pool: Sequence[Image], now:
                 if teammate is not None and predicate(image, teammate, now) != was:
                     adjust[teammate] = get(teammate, 0) + (-1 if was else 1)
         for teammate, n in adjust.items():
-            if n:
-                _bump(counts, (vid, None, teammate), n)
+            _bump(counts, (vid, None, teammate), n)
         return
     group = tally.view.group
     for image, was in zip(pool, seen, strict=True):
@@ -596,43 +801,4 @@ def _add_per_teammate(counts: Counts, tally: _Tally, pool: Sequence[Image], now:
                 for text in group(image):
                     adjust[text, teammate] = get((text, teammate), 0) + sign
     for where, n in adjust.items():
-        if n:
-            _bump(counts, (vid, *where) if group is not None else (vid, None, where), n)
-
-
-def _pins(node: Node) -> set[tuple[str, Any]] | None:
-    """The atoms of a filter that is nothing but a conjunction of index atoms, else None."""
-    match node:
-        case Comparison(me=False, field=name, op=op, value=value) if name in KEY_ORDER:
-            spec = FIELDS[name]
-            if op == "=" and not spec.kind.multi:
-                return {(name, value)}
-            if op == "contains" and spec.kind.multi:
-                return {(name, value)}
-            if op == "is null" and spec.nullable and not spec.kind.multi:
-                return {(name, None)}
-            return None
-        case And(children):
-            atoms: set[tuple[str, Any]] = set()
-            for child in children:
-                part = _pins(child)
-                if part is None:
-                    return None
-                atoms |= part
-            return atoms
-    return None
-
-
-def _key_exact(view: CompiledView) -> bool:
-    """True when the view matches exactly the images of its one index key: its filter is a
-    conjunction of pinned values and the index kept every one of them in the key."""
-    if view.mode == 2:
-        return False
-    atoms = _pins(view.tree)
-    if not atoms:
-        return False
-    condition = necessary_condition(view.tree)
-    if condition is None or len(condition) != 1 or condition[0] != atoms:
-        return False
-    multi = sum(1 for name, _ in atoms if FIELDS[name].kind.multi)
-    return len(atoms) <= MAX_ATOMS and multi <= 1
+        _bump(counts, (vid, *where) if group is not None else (vid, None, where), n)

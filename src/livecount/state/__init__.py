@@ -1,4 +1,4 @@
-"""Counter state backends, chosen by URL (``memory://``; ``redis://`` follows)."""
+"""Counter state backends, chosen by URL (``memory://`` is the only one so far)."""
 
 from __future__ import annotations
 

@@ -49,5 +49,5 @@ def open_store(url: str) -> Store:
         return SQLiteStore(url)
     if backend in ("postgresql", "postgres"):
         raise ValidationError("the PostgreSQL store is not available yet")
-    raise ValidationError("unsupported store URL; expected sqlite:///path/to/file.db "
-                          "or postgresql://...")
+    raise ValidationError("unsupported store URL; expected sqlite:///path/to/file.db (the "
+                          "embedded store; PostgreSQL is not available yet)")

@@ -8,7 +8,8 @@ they use; ``close()`` releases all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
@@ -27,6 +28,8 @@ __all__ = [
     "Teammate",
     "View",
     "Workspace",
+    "in_relay_lane",
+    "relay_lane",
     "written_position",
 ]
 
@@ -34,6 +37,25 @@ __all__ = [
 #: sets it after each write that appended to the outbox, in the caller's context, so an API
 #: handler can tell its client which position to wait for (read-your-writes).
 written_position: ContextVar[int] = ContextVar("livecount_written_position", default=0)
+
+_relay_lane: ContextVar[bool] = ContextVar("livecount_relay_lane", default=False)
+
+
+@contextlib.contextmanager
+def relay_lane(on: bool = True) -> Iterator[None]:
+    """Store calls made inside this block (in this task) use the relay's own capacity: a
+    store keeps a separate reader and bound for them, so a storm of API requests or stream
+    connects can never make the relay's reads wait or fail. ``on=False`` leaves the lane
+    for a block (a long background read must not hold up the relay's own)."""
+    token = _relay_lane.set(on)
+    try:
+        yield
+    finally:
+        _relay_lane.reset(token)
+
+
+def in_relay_lane() -> bool:
+    return _relay_lane.get()
 
 
 class Workspace(msgspec.Struct, frozen=True):

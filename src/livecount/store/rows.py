@@ -6,9 +6,13 @@ rows without a store).
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from typing import Any
+import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from itertools import groupby, islice, repeat
+from operator import eq, itemgetter
+from sys import intern
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -99,49 +103,224 @@ def _number(value: float) -> int | float:
     return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
 
 
+#: The columns of ``conversations`` in :class:`Image` field order (the sets come between).
+_COLUMNS: Final = tuple(conversations.c[name] for name in (
+    "id", "workspace_id", "version", "state", "assignee_id", "team_id", "author_id", "priority",
+    "channel", "created_at", "updated_at", "waiting_since", "snoozed_until"))
+assert Image.__struct_fields__ == (*(c.name for c in _COLUMNS[:9]), "tags", "mentions",
+                                   "unread_by", *(c.name for c in _COLUMNS[9:]), "custom")
+#: Loaded ids per side-table query; a window whose ids fill at least half of their range is
+#: read as one range (the primary key's order, no IN list), else by IN lists of _IN_CHUNK.
+_WINDOW: Final = 50_000
+_IN_CHUNK: Final = 500
+#: Loads of at least this many conversations pause the garbage collector while they build
+#: their (acyclic) rows, sets and images: collections triggered by millions of fresh
+#: containers would otherwise walk them again and again, several times the load's own cost.
+_PAUSE_GC_AT: Final = 10_000
+_BUILD_CHUNK: Final = 4096
+_EMPTY: Final[frozenset[Any]] = frozenset()
+_FIRST: Final = itemgetter(0)
+_SECOND: Final = itemgetter(1)
+_THIRD: Final = itemgetter(2)
+_FIRST_TWO: Final = itemgetter(0, 1)
+
+_tc, _pc, _cc = conversation_tags.c, conversation_people.c, conversation_custom.c
+#: Side-table reads per id range and per id list, ordered so one conversation's rows are
+#: adjacent (and a custom map's keys come in key order, as they always did).
+_SIDE: Final = {
+    name: (select.where(cid.between(sa.bindparam("lo"), sa.bindparam("hi"))),
+           select.where(cid.in_(sa.bindparam("ids", expanding=True))))
+    for name, cid, select in (
+        ("tags", _tc.conversation_id,
+         sa.select(_tc.conversation_id, _tc.tag).order_by(_tc.conversation_id)),
+        ("people", _pc.conversation_id,
+         sa.select(_pc.conversation_id, _pc.field, _pc.teammate_id)
+         .order_by(_pc.conversation_id, _pc.field)),
+        ("custom", _cc.conversation_id,
+         sa.select(_cc.conversation_id, _cc.key, _cc.text_value, _cc.num_value,
+                   _cc.bool_value).order_by(_cc.conversation_id, _cc.key)),
+    )
+}
+
+
+def _fetch(conn: Connection, statement: sa.Executable,
+           params: dict[str, Any] | None = None) -> list[Any]:
+    """All rows as the driver's plain tuples (see :func:`_fetch_chunks`)."""
+    rows: list[Any] = []
+    for chunk in _fetch_chunks(conn, statement, params, None):
+        rows += chunk
+    return rows
+
+
+def _fetch_chunks(conn: Connection, statement: sa.Executable, params: dict[str, Any] | None,
+                  size: int | None) -> Iterator[list[Any]]:
+    """The rows in chunks of ``size`` (None: one chunk), as the driver's plain tuples: the
+    statement runs through SQLAlchemy (same transaction, binds, dialect), but the rows skip
+    its per-row wrapping, which costs more than the database itself for a million rows.
+    Values are the driver's (a boolean may come as 0/1)."""
+    result = conn.execute(statement, params or {})
+    try:
+        cursor = getattr(result, "cursor", None)
+        if cursor is None:  # not a DBAPI cursor result: take SQLAlchemy's rows
+            yield from (list(part) for part in result.tuples().partitions(size))
+        elif size is None:
+            yield cursor.fetchall()
+        else:
+            while chunk := cursor.fetchmany(size):
+                yield chunk
+    finally:
+        result.close()
+
+
+#: Batches of one side table's rows (see :func:`_side_rows`).
+_Batches = Callable[[str], Iterator[list[Any]]]
+
+
+def _side_rows(conn: Connection, name: str, ids: list[int]) -> Iterator[list[Any]]:
+    """The rows of side table ``name`` for the conversations ``ids`` (sorted ascending), in
+    batches that each hold all the rows of their conversations, one conversation's rows
+    adjacent; a batch may include rows of other conversations in its id range."""
+    by_range, by_list = _SIDE[name]
+    sparse: list[int] = []
+    for start in range(0, len(ids), _WINDOW):
+        window = ids[start:start + _WINDOW]
+        if window[-1] - window[0] < 2 * len(window):
+            yield _fetch(conn, by_range, {"lo": window[0], "hi": window[-1]})
+        else:
+            sparse += window
+    for start in range(0, len(sparse), _IN_CHUNK):
+        yield _fetch(conn, by_list, {"ids": sparse[start:start + _IN_CHUNK]})
+
+
+def _range_rows(conn: Connection, name: str, low: int, high: int) -> Iterator[list[Any]]:
+    """The rows of side table ``name`` for conversation ids ``low..high``, in batches as
+    :func:`_side_rows` gives them (windows of the id range)."""
+    by_range = _SIDE[name][0]
+    for start in range(low, high + 1, _WINDOW):
+        yield _fetch(conn, by_range, {"lo": start, "hi": min(start + _WINDOW - 1, high)})
+
+
+@contextmanager
+def _gc_paused(pause: bool) -> Iterator[None]:
+    """Collector off for a bulk build of acyclic objects, back on after (if it was on: two
+    loads at once leave it to the first to switch back, and it only ever runs later)."""
+    enabled = pause and gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _custom_values(rows: list[Any]) -> list[CustomValue]:
+    """The values of custom rows ``(conversation, key, text, number, flag)`` as
+    :func:`~livecount.domain.canonical_custom` left them (a REAL cannot say 1 from 1.0)."""
+    _, _, texts, numbers, flags = zip(*rows, strict=True)
+    if (texts.count(None) == len(rows) and flags.count(None) == len(rows)
+            and set(map(type, numbers)) == {float} and all(map(float.is_integer, numbers))
+            and min(numbers) >= -MAX_SAFE_INTEGER and max(numbers) <= MAX_SAFE_INTEGER):
+        return list(map(int, numbers))  # the usual batch: integral numbers only
+    return [text if text is not None else bool(flag) if flag is not None else _number(number)
+            for text, number, flag in zip(texts, numbers, flags, strict=True)]
+
+
+class _Sides:
+    """The side tables of a set of conversations, by conversation id."""
+
+    def __init__(self, batches: _Batches) -> None:
+        # Equal sets are shared: one object per distinct set (most are small and repeat).
+        shared: dict[frozenset[Any], frozenset[Any]] = {}
+        share = shared.setdefault
+        self.tags: dict[int, frozenset[str]] = {}
+        for batch in batches("tags"):
+            for cid, group in groupby(batch, _FIRST):
+                found = frozenset(map(_SECOND, group))
+                self.tags[cid] = share(found, found)
+        shared = {}
+        share = shared.setdefault
+        people: tuple[dict[int, frozenset[int]], dict[int, frozenset[int]]] = ({}, {})
+        for batch in batches("people"):
+            for (cid, field), group in groupby(batch, _FIRST_TWO):
+                if field in _PEOPLE:
+                    found = frozenset(map(_THIRD, group))
+                    people[field == "unread_by"][cid] = share(found, found)
+        self.mentions, self.unread_by = people
+        self.custom: dict[int, dict[str, CustomValue]] = {}
+        for rows in batches("custom"):
+            if rows:
+                self._add_custom(rows)
+
+    def _add_custom(self, rows: list[Any]) -> None:
+        custom = self.custom
+        values = _custom_values(rows)
+        cids = list(map(_FIRST, rows))
+        if not any(map(eq, cids, islice(cids, 1, None))):  # one key each: build in C
+            pairs = zip(map(_SECOND, rows), values, strict=True)
+            # dict(((key, value),)) == {key: value}
+            custom.update(zip(cids, map(dict, zip(pairs, strict=True)), strict=True))
+            return
+        get = custom.get
+        for cid, key, value in zip(cids, map(_SECOND, rows), values, strict=True):
+            found = get(cid)
+            if found is None:
+                custom[cid] = {key: value}
+            else:
+                found[key] = value
+
+    def images(self, rows: list[Any]) -> list[Image]:
+        """Images of ``rows`` (the :data:`_COLUMNS` of some conversations), built in C-level
+        passes: columns by ``zip``, images by ``map`` with positional arguments."""
+        (ids, workspace_ids, versions, states, assignees, teams, authors, priorities,
+         channels, created, updated, waiting, snoozed) = zip(*rows, strict=True)
+        return list(map(
+            Image, ids, workspace_ids, versions, map(intern, states), assignees, teams,
+            authors, map(bool, priorities), map(intern, channels),
+            map(self.tags.get, ids, repeat(_EMPTY)), map(self.mentions.get, ids, repeat(_EMPTY)),
+            map(self.unread_by.get, ids, repeat(_EMPTY)), created, updated, waiting, snoozed,
+            map(self.custom.get, ids, map(dict, repeat(())))))
+
+
 def load_images(conn: Connection, where: sa.ColumnElement[bool] | None = None,
                 order_by: Sequence[Any] = (conversations.c.id,),
                 limit: int | None = None) -> list[Image]:
-    """Read whole images for the conversations matching ``where`` (ids ascending by default)."""
-    query = sa.select(conversations).order_by(*order_by)
+    """Read whole images for the conversations matching ``where`` (ids ascending by default).
+
+    Built for whole-workspace snapshots (a million conversations): when the matching ids
+    fill at least half of their range, the side tables are read first by id range (their
+    primary keys' order, no IN lists), then the rows are streamed and turned into images a
+    chunk at a time; otherwise the rows come first and the side tables are read for their
+    ids (ranges where they are dense, IN lists elsewhere). Rows are grouped per conversation
+    and images built in C-level passes (``map``/``zip``), equal sets shared.
+    """
+    query = sa.select(*_COLUMNS).order_by(*order_by)
     if where is not None:
         query = query.where(where)
-    if limit is not None:
+    if limit is None:
+        bounds = sa.select(sa.func.min(conversations.c.id), sa.func.max(conversations.c.id),
+                           sa.func.count())
+        low, high, total = _fetch(conn, bounds if where is None else bounds.where(where))[0]
+        if not total:
+            return []
+        if high - low < 2 * total:
+            images: list[Image] = []
+            with _gc_paused(total >= _PAUSE_GC_AT):
+                sides = _Sides(lambda name: _range_rows(conn, name, low, high))
+                for chunk in _fetch_chunks(conn, query, None, _BUILD_CHUNK):
+                    images += sides.images(chunk)
+                del sides
+            return images
+    else:
         query = query.limit(limit)
-    rows = conn.execute(query).mappings().all()
+    rows = _fetch(conn, query)
     if not rows:
         return []
-    ids = [r["id"] for r in rows]
-    tags: dict[int, set[str]] = defaultdict(set)
-    people: dict[tuple[int, str], set[int]] = defaultdict(set)
-    custom: dict[int, dict[str, CustomValue]] = defaultdict(dict)
-    for chunk_start in range(0, len(ids), 500):
-        chunk = ids[chunk_start:chunk_start + 500]
-        for cid, tag in conn.execute(
-                sa.select(conversation_tags.c.conversation_id, conversation_tags.c.tag)
-                .where(conversation_tags.c.conversation_id.in_(chunk))):
-            tags[cid].add(tag)
-        for cid, field, tid in conn.execute(
-                sa.select(conversation_people.c.conversation_id, conversation_people.c.field,
-                          conversation_people.c.teammate_id)
-                .where(conversation_people.c.conversation_id.in_(chunk))):
-            people[cid, field].add(tid)
-        for cid, key, text, num, flag in conn.execute(
-                sa.select(conversation_custom.c.conversation_id, conversation_custom.c.key,
-                          conversation_custom.c.text_value, conversation_custom.c.num_value,
-                          conversation_custom.c.bool_value)
-                .where(conversation_custom.c.conversation_id.in_(chunk))):
-            custom[cid][key] = (text if text is not None else
-                                bool(flag) if flag is not None else _number(num))
-    return [
-        Image(id=r["id"], workspace_id=r["workspace_id"], version=r["version"],
-              state=r["state"], assignee_id=r["assignee_id"], team_id=r["team_id"],
-              author_id=r["author_id"], priority=bool(r["priority"]), channel=r["channel"],
-              tags=frozenset(tags.get(r["id"], ())),
-              mentions=frozenset(people.get((r["id"], "mentions"), ())),
-              unread_by=frozenset(people.get((r["id"], "unread_by"), ())),
-              created_at=r["created_at"], updated_at=r["updated_at"],
-              waiting_since=r["waiting_since"], snoozed_until=r["snoozed_until"],
-              custom=custom.get(r["id"], {}))
-        for r in rows
-    ]
+    with _gc_paused(len(rows) >= _PAUSE_GC_AT):
+        ordered = sorted(map(_FIRST, rows))
+        sides = _Sides(lambda name: _side_rows(conn, name, ordered))
+        images = []
+        for start in range(0, len(rows), _BUILD_CHUNK):  # in chunks: the columns stay cached
+            images += sides.images(rows[start:start + _BUILD_CHUNK])
+        del rows, sides  # freed before the collector runs again: only the images remain
+    return images

@@ -26,8 +26,9 @@ PRAGMAS: Final = (
     "PRAGMA busy_timeout=5000",
     "PRAGMA foreign_keys=ON",
 )
-#: One writer thread + two reader threads, one connection each, and never more.
-_POOL_SIZE: Final = 3
+#: One writer thread + two reader threads + the relay's reader, one connection each, and
+#: never more.
+_POOL_SIZE: Final = 4
 #: The store URL's query parameter that overrides PRAGMA busy_timeout (milliseconds).
 BUSY_TIMEOUT_PARAM: Final = "busy_timeout_ms"
 DEFAULT_BUSY_TIMEOUT_MS: Final = 5000

@@ -1,10 +1,12 @@
 """The :class:`~livecount.store.base.Store` over SQLAlchemy Core, shared by every SQL backend.
 
-Concurrency is bounded and owned: the store runs all database work on exactly two executors
-that it creates in :meth:`SQLStore.open` and joins in :meth:`SQLStore.close`. One thread runs
+Concurrency is bounded and owned: the store runs all database work on three executors that
+it creates in :meth:`SQLStore.open` and joins in :meth:`SQLStore.close`. One thread runs
 every write transaction, so writes never contend with each other (on SQLite they would
 otherwise fight over the file lock) and outbox positions are handed out in commit order; a
-small pool runs reads and snapshots. No call ever starts a thread of its own.
+small pool runs reads and snapshots; one more thread runs the relay's reads (calls made in
+:func:`~livecount.store.base.relay_lane`), which also have a waiting bound of their own, so
+API overload can neither delay nor refuse them. No call ever starts a thread of its own.
 
 Every conversation or view write commits in one transaction with exactly one outbox row, and
 all validation happens before or inside that transaction, so bad input leaves nothing behind.
@@ -48,6 +50,7 @@ from .base import (
     Teammate,
     View,
     Workspace,
+    in_relay_lane,
     written_position,
 )
 from .schema import (
@@ -91,6 +94,8 @@ _MAX_ERROR_DETAIL: Final = 200
 #: Calls waiting for the store's threads at once; past it a call is refused (503) at once
 #: instead of growing the executors' queues without bound under overload.
 MAX_PENDING_CALLS: Final = 2048
+#: The same for the relay's calls (a handful at a time: one step, a few counts, reopens).
+MAX_RELAY_CALLS: Final = 256
 _MAX_ID: Final = 2**63 - 1
 _MAX_POSITION: Final = 2**31 - 1
 _TOKEN_PREFIX: Final = "lc_"
@@ -274,6 +279,8 @@ class SQLStore:
         self._engine: Engine | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._relay_reader: ThreadPoolExecutor | None = None
+        self._relay_pending: set[asyncio.Future[Any]] = set()
         self._pending: set[asyncio.Future[Any]] = set()
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._callbacks_lock = threading.Lock()
@@ -295,6 +302,7 @@ class SQLStore:
             raise StoreError("the store is already open")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-write")
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="livecount-store-read")
+        self._relay_reader = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-relay")
         try:
             self._engine = self._create_engine()
             await self._call(self._writer, metadata.create_all, self._engine)
@@ -314,15 +322,15 @@ class SQLStore:
     async def _shutdown(self) -> None:
         engine, self._engine = self._engine, None  # new calls fail from here on
         try:
-            if self._pending:  # wait, not gather: cancelling close() must not cancel them
-                await asyncio.wait(set(self._pending))
+            if self._pending or self._relay_pending:  # wait, not gather: cancelling close()
+                await asyncio.wait(self._pending | self._relay_pending)  # must not cancel them
         finally:
             # Every job has returned (or was cancelled while queued), so the joins are short;
             # they happen even if close() itself is cancelled, so no thread outlives it.
-            for executor in (self._writer, self._readers):
+            for executor in (self._writer, self._readers, self._relay_reader):
                 if executor is not None:
                     executor.shutdown(wait=True)
-            self._writer = self._readers = None
+            self._writer = self._readers = self._relay_reader = None
             if engine is not None:
                 engine.dispose()
             with self._callbacks_lock:
@@ -336,11 +344,15 @@ class SQLStore:
         return self._engine, self._writer, self._readers
 
     async def _call(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        if len(self._pending) >= MAX_PENDING_CALLS:
+        # The relay's calls have a bound of their own: API overload never refuses them.
+        relay = in_relay_lane()
+        if relay and len(self._relay_pending) >= MAX_RELAY_CALLS:
+            raise Unavailable(f"the relay has {MAX_RELAY_CALLS} store calls waiting")
+        if not relay and len(self._pending) >= MAX_PENDING_CALLS:
             raise Unavailable(f"the store is overloaded ({MAX_PENDING_CALLS} calls waiting); "
                               "retry shortly")
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        self._pending.add(future)
+        (self._relay_pending if relay else self._pending).add(future)
         try:
             return await future
         except sa.exc.SQLAlchemyError as exc:
@@ -350,6 +362,7 @@ class SQLStore:
             raise StoreError(f"database error ({type(exc).__name__})") from exc
         finally:
             self._pending.discard(future)
+            self._relay_pending.discard(future)
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` in one write transaction on the writer thread; the outbox
@@ -361,8 +374,11 @@ class SQLStore:
         return done[0]
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` in one read transaction (one snapshot) on a reader."""
+        """Run ``fn(conn, *args)`` in one read transaction (one snapshot) on a reader (the
+        relay's own one for calls in :func:`~livecount.store.base.relay_lane`)."""
         engine, _, readers = self._live()
+        if in_relay_lane() and self._relay_reader is not None:
+            readers = self._relay_reader
         return await self._call(readers, self._run_read, engine, fn, args)
 
     def _run_write(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]

@@ -2,6 +2,9 @@
 //
 // Counts come only from the WebSocket stream (snapshot, then deltas); lists come from the
 // HTTP API and are refetched when the selected view's counter moves, so the two agree.
+// A reconnect resumes from the last (epoch, seq) applied (?epoch=E&since=S): the server
+// answers one merged delta, or a snapshot when it cannot (another epoch: a restart). A delta
+// of an epoch other than the snapshot's is never applied.
 // Every piece of user-provided text reaches the DOM through textContent or an attribute,
 // never through innerHTML.
 "use strict";
@@ -11,6 +14,9 @@
   const LIST_REFRESH_MS = 300;
   const BACKOFF_BASE_MS = 250;
   const BACKOFF_MAX_MS = 10000;
+  // Failed connects in a row (a few seconds of backoff) after which the page stops asking to
+  // resume, so a refused resume cannot keep it offline: it asks for a snapshot instead.
+  const RESUME_ATTEMPTS = 6;
   const NOTICE_MS = 6000;
   const STORE_WS = "livecount.ws";
   const STORE_TOKEN = "livecount.token";
@@ -34,6 +40,7 @@
     teams: new Map(), // id -> team
     views: [], // as the API sends them, any order
     counts: {}, // view id -> integer | {group: integer}
+    epoch: null, // the epoch of the last snapshot: the numbering ``seq`` belongs to
     seq: null,
     selected: null, // {viewId, group}
     list: { items: [], nextCursor: null },
@@ -548,7 +555,10 @@
   function streamUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const params = new URLSearchParams({ token: state.token });
-    if (state.seq !== null) params.set("since", String(state.seq));
+    if (state.epoch !== null && state.seq !== null && live.attempt <= RESUME_ATTEMPTS) {
+      params.set("epoch", state.epoch);
+      params.set("since", String(state.seq));
+    }
     return `${scheme}://${location.host}/api/workspaces/${encodeURIComponent(state.ws)}/ws?${params}`;
   }
 
@@ -612,6 +622,12 @@
         applySnapshot(message);
         break;
       case "delta":
+        if ((message.epoch ?? null) !== state.epoch || state.epoch === null) {
+          // Another numbering than the snapshot's (or no snapshot yet): its seqs and values
+          // cannot be merged with what the page holds. Start over from a snapshot.
+          resync(socket);
+          break;
+        }
         live.attempt = 0;
         applyDelta(message);
         break;
@@ -631,8 +647,18 @@
     }
   }
 
+  // Drop this connection and what it resumes from; the next one starts with a snapshot.
+  function resync(socket) {
+    live.socket = null;
+    socket.close(1000);
+    state.epoch = null;
+    state.seq = null;
+    retryLater(backoffDelay());
+  }
+
   function applySnapshot(message) {
     state.counts = message.counts || {};
+    state.epoch = typeof message.epoch === "string" && message.epoch ? message.epoch : null;
     state.seq = message.seq;
     const unknown = Object.keys(state.counts).some((id) => !viewById(id));
     renderSidebar();
@@ -839,6 +865,7 @@
     state.ws = ws;
     state.token = token;
     state.counts = {};
+    state.epoch = null;
     state.seq = null;
     state.selected = null;
     try {
