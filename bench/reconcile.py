@@ -1,7 +1,7 @@
 """Reconcile: count every view of a big workspace from scratch, against SQL COUNT per view.
 
-    .venv/bin/python bench/reconcile.py            # 100k and 1M conversations (~3 min; the
-                                                   # first run also builds the databases)
+    .venv/bin/python bench/reconcile.py            # 100k and 1M conversations (~1 min; the
+                                                   # first run also builds them, ~30 s)
     .venv/bin/python bench/reconcile.py --quick    # 100k conversations, fewer SQL samples
 
 DESIGN §7: "reconcile 1M conversations, 1,000 views ≤ 10 s". The workspace is the §7 engine

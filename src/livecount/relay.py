@@ -44,7 +44,7 @@ from typing import Any, Final
 from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
-from .exceptions import LivecountError, NotFound, PreconditionFailed, Unavailable
+from .exceptions import LivecountError, Unavailable
 from .schedule import DueFlip, FlipSchedule, ReopenSchedule, Timer
 from .state.base import CounterState, StateConflict, Update
 from .store.base import Counts, OutboxEntry, Store, View, relay_lane
@@ -53,8 +53,8 @@ __all__ = ["Reconciliation", "Relay"]
 
 log = logging.getLogger("livecount.relay")
 
-#: Images counted between two yields to the event loop.
-COUNT_SLICE: Final = 2000
+#: Images counted between two yields to the event loop (~15 ms of work with 1,000 views).
+COUNT_SLICE: Final = 5000
 #: Bus messages a workspace may have waiting for a retry before they collapse into a reset.
 MAX_UNPUBLISHED: Final = 64
 #: Reopens written per batch.
@@ -150,15 +150,9 @@ class _Count:
         self.views = snapshot.views
         self.t0 = self.relay._now()
         conversations = snapshot.conversations
-        counts = self.counts
         for start in range(0, len(conversations), COUNT_SLICE):
             part = conversations[start:start + COUNT_SLICE]
-            for key, value in self.engine.count(part, self.t0).items():
-                total = counts.get(key, 0) + value
-                if total:
-                    counts[key] = total
-                else:
-                    counts.pop(key, None)
+            self.engine.count_into(self.counts, part, self.t0)
             for image in part:
                 self.images[image.id] = image
             await asyncio.sleep(0)
@@ -542,11 +536,8 @@ class Relay:
         counts: Counts = {}
         conversations = snapshot.conversations
         for start in range(0, len(conversations), COUNT_SLICE):
-            for key, value in engine.count(conversations[start:start + COUNT_SLICE],
-                                           now).items():
-                counts[key] = counts.get(key, 0) + value
+            engine.count_into(counts, conversations[start:start + COUNT_SLICE], now)
             await asyncio.sleep(0)
-        counts = {k: v for k, v in counts.items() if v}
         update = await self.state.replace(workspace_id, counts, snapshot.position)
         # committed: now reflect it in memory (no await from here)
         old = self._workspaces.get(workspace_id)
@@ -733,16 +724,13 @@ class Relay:
     async def _reopen_due(self) -> int:
         written = 0
         while due := self._reopens.due(self.clock(), REOPEN_BATCH):
-            for workspace_id, conversation_id, version in due:
-                try:
-                    await self.store.update_conversation(
-                        workspace_id, conversation_id, {"state": "open", "snoozed_until": None},
-                        if_match=version)
-                    written += 1
-                    self.reopens_written += 1
-                except (PreconditionFailed, NotFound):
-                    pass  # changed or deleted since: the newer version decides
+            results = await self.store.reopen_conversations(due)
+            # written, or refused because a newer version exists: either way done
+            for (workspace_id, conversation_id, version), landed in zip(due, results,
+                                                                        strict=True):
+                written += landed
                 self._reopens.done(workspace_id, conversation_id, version)
+        self.reopens_written += written
         return written
 
     # -- reconcile --------------------------------------------------------------------------

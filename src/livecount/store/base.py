@@ -9,7 +9,7 @@ they use; ``close()`` releases all of them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
@@ -172,6 +172,10 @@ class Store(Protocol):
                                   author_id: int | None) -> Image: ...
     async def update_conversation(self, workspace_id: int, conversation_id: int,
                                   patch: Mapping[str, Any], if_match: int | None) -> Image: ...
+    async def reopen_conversations(self, due: Sequence[tuple[int, int, int]]) -> list[bool]:
+        """Snoozes whose time came: ``(workspace, conversation, version)`` → state open,
+        ``snoozed_until`` cleared, in one transaction, each only if still at ``version``."""
+        ...
     async def get_conversation(self, workspace_id: int, conversation_id: int) -> Image: ...
     async def list_conversations(self, view: View, me: int, group: str | None, limit: int,
                                  cursor: str | None, now: int) -> Page: ...

@@ -20,7 +20,7 @@ import logging
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Final, Literal, TypeVar
 
@@ -714,6 +714,27 @@ class SQLStore:
                                     after.version, before, after)
                 return after
         raise Conflict(f"conversation {conversation_id} changed concurrently; retry")
+
+    async def reopen_conversations(self, due: Sequence[tuple[int, int, int]]) -> list[bool]:
+        """Reopen snoozed conversations whose time has come, in ONE write transaction:
+        each ``(workspace, conversation, version)`` becomes ``state`` open with
+        ``snoozed_until`` cleared if it is still at ``version`` (else it is left alone: a
+        newer version decides). True for each one written."""
+        fields = convs.validate_body({"state": "open", "snoozed_until": None}, patch=True)
+        return await self._write(self._reopen_conversations, list(due), fields)
+
+    def _reopen_conversations(self, conn: Connection, due: list[tuple[int, int, int]],
+                              fields: dict[str, Any]) -> list[bool]:
+        written = []
+        for workspace_id, conversation_id, version in due:
+            try:
+                with conn.begin_nested():
+                    self._update_conversation(conn, workspace_id, conversation_id, fields,
+                                              version)
+                written.append(True)
+            except (PreconditionFailed, NotFound, Conflict):
+                written.append(False)
+        return written
 
     async def get_conversation(self, workspace_id: int, conversation_id: int) -> Image:
         return await self._read(self._load_conversation, workspace_id, conversation_id)
