@@ -251,12 +251,12 @@ class Relay:
             raise
         if not background:
             return
-        self._spawn(self._run(), "livecount-relay")
-        self._spawn(self._reopen_loop(), "livecount-relay-reopens")
-        if self.reconcile_every:
-            self._spawn(self._reconcile_loop(self.reconcile_every), "livecount-reconciler")
-        if self.outbox_retention is not None:
-            self._spawn(self._prune_loop(self.outbox_retention), "livecount-outbox-pruner")
+        self._spawn(self._run, "livecount-relay")
+        self._spawn(self._reopen_loop, "livecount-relay-reopens")
+        if (every := self.reconcile_every):
+            self._spawn(lambda: self._reconcile_loop(every), "livecount-reconciler")
+        if (retention := self.outbox_retention) is not None:
+            self._spawn(lambda: self._prune_loop(retention), "livecount-outbox-pruner")
 
     async def _build_all(self) -> None:
         async with self.lock:
@@ -283,8 +283,9 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(_in_relay_lane(coro), name=name)
+    def _spawn(self, make: Callable[[], Coroutine[Any, Any, None]], name: str
+               ) -> asyncio.Task[None]:
+        task = asyncio.create_task(_in_relay_lane(make), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -600,7 +601,7 @@ class Relay:
         ws.waiting[view_id] = after
         if view_id not in ws.installs:
             ws.installs[view_id] = asyncio.create_task(
-                _in_relay_lane(self._install(workspace_id, view_id)),
+                _in_relay_lane(lambda: self._install(workspace_id, view_id)),
                 name=f"livecount-count-view-{view_id}")
 
     def _view_committed(self, workspace_id: int, ws: _Workspace, position: int,
@@ -840,10 +841,11 @@ class Relay:
                 log.warning("pruning the outbox failed; retrying later", exc_info=True)
 
 
-async def _in_relay_lane(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` with its store calls in the relay's lane."""
+async def _in_relay_lane(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``make()`` with its store calls in the relay's lane (made here, so a task
+    cancelled before it starts leaves no coroutine that was never awaited)."""
     with relay_lane():
-        await coro
+        await make()
 
 
 def _poison(entry: OutboxEntry) -> str | None:
