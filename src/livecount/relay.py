@@ -539,7 +539,8 @@ class Relay:
         for start in range(0, len(conversations), COUNT_SLICE):
             engine.count_into(counts, conversations[start:start + COUNT_SLICE], now)
             await asyncio.sleep(0)
-        update = await self.state.replace(workspace_id, counts, snapshot.position)
+        update = await self.state.replace(workspace_id, counts, snapshot.position,
+                                          views=snapshot.views)
         # committed: now reflect it in memory (no await from here)
         old = self._workspaces.get(workspace_id)
         if old is not None:
@@ -556,7 +557,8 @@ class Relay:
         self._workspaces[workspace_id] = ws
         self._unbuilt.discard(workspace_id)
         self._outgoing.pop(workspace_id, None)  # superseded by the new counts
-        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed))
+        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed,
+                              self.views(workspace_id)))
         await self._publish(workspace_id)
         return ws
 
@@ -578,7 +580,9 @@ class Relay:
         after = entry.after
         if after is None:  # deleted
             self._cancel_install(ws, view_id)
-            update = await self.state.replace(workspace_id, {}, entry.position, [view_id])
+            update = await self.state.replace(
+                workspace_id, {}, entry.position, [view_id],
+                views=[v for v in self.views(workspace_id) if v.id != view_id])
             ws.engine.remove_view(view_id)
             ws.retime()
             self._view_committed(workspace_id, ws, entry.position, update)
@@ -589,7 +593,9 @@ class Relay:
         if current is not None and view_id not in ws.waiting and _same_counts(current.view,
                                                                               after):
             # renamed or moved: the counts stand
-            update = await self.state.replace(workspace_id, {}, entry.position, [])
+            update = await self.state.replace(
+                workspace_id, {}, entry.position, [],
+                views=[after if v.id == view_id else v for v in self.views(workspace_id)])
             ws.engine.views[view_id].view = after
             self._view_committed(workspace_id, ws, entry.position, update)
             await self._publish(workspace_id)
@@ -607,7 +613,8 @@ class Relay:
     def _view_committed(self, workspace_id: int, ws: _Workspace, position: int,
                         update: Update) -> None:
         ws.applied = position
-        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed))
+        self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed,
+                              self.views(workspace_id)))
 
     def _cancel_install(self, ws: _Workspace, view_id: int) -> None:
         ws.waiting.pop(view_id, None)
@@ -663,7 +670,9 @@ class Relay:
                 raise Unavailable("the relay is behind the view's snapshot; retrying")
             await counting.catch_up(self._reached(ws))
             counts = counting.at(ws.clock)
-            update = await self.state.replace(workspace_id, counts, ws.applied, [view.id])
+            views = [v for v in self.views(workspace_id) if v.id != view.id] + [view]
+            update = await self.state.replace(workspace_id, counts, ws.applied, [view.id],
+                                              views=views)
             # committed: reflect it (no await until the publish)
             del ws.waiting[view.id]
             compiled = ws.engine.set_view(view)
@@ -674,7 +683,7 @@ class Relay:
                     ws.flips.extend(image, timers, ws.clock)
                 self._wake.set()  # the relay sleeps until the next instant: a new one now
             self._send(BusMessage(workspace_id, update.epoch, update.seq, "views",
-                                  update.changed))
+                                  update.changed, self.views(workspace_id)))
             await self._publish(workspace_id)
 
     async def _settle_on(self, workspace_id: int, position: int) -> None:

@@ -7,7 +7,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from ..store.base import Counts
+from ..store.base import Counts, View
 
 __all__ = ["Bus", "BusMessage", "Overflow", "Subscription"]
 
@@ -25,6 +25,8 @@ class BusMessage(msgspec.Struct, frozen=True):
     seq: int
     kind: Literal["delta", "views", "reset"]
     counts: Counts
+    #: ``kind="views"``: the workspace's views from this seq on (every view counted)
+    views: list[View] | None = None
 
 
 class Overflow(Exception):

@@ -70,7 +70,7 @@ async def create_workspace(request: Request) -> Response:
     body = fields(await read_json(request), ("name",))
     service = service_of(request)
     workspace = await service.store.create_workspace(body["name"])
-    await settle(service, lambda: bool(service.relay.views(workspace.id)))
+    await settle(service, workspace.id, bool)
     return JSONResponse({"id": workspace.id, "name": workspace.name}, status_code=201,
                         headers=position_headers())
 

@@ -366,7 +366,7 @@ class Hub:
         self.counts = dict(snapshot.counts)
         self.epoch = snapshot.epoch
         self._advance(snapshot.seq)
-        self.views = {v.id: v for v in self.service.relay.views(self.workspace_id)}
+        self.views = {v.id: v for v in snapshot.views}
 
     def _advance(self, seq: int) -> None:
         self.seq = seq
@@ -426,13 +426,13 @@ class Hub:
                 self._dirty.add(key)
             self._advance(message.seq)
             self._tick.set()
-        if message.kind == "views":
+        if message.kind == "views" and message.views is not None:
             # also when the seq did not move: a view with no counts changes no counter
-            self._reload_views()
+            self._reload_views(message.views)
 
-    def _reload_views(self) -> None:
+    def _reload_views(self, views: list[View]) -> None:
         old = self.views
-        fresh = {v.id: v for v in self.service.relay.views(self.workspace_id)}
+        fresh = {v.id: v for v in views}
         touched = self._touched(old, fresh)
         if not touched:
             return

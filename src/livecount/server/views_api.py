@@ -1,8 +1,9 @@
 """Views, their counts and their lists.
 
-Counts and the views they belong to come from the relay and the counter state together (the
-same source the stream uses), so ``GET /views``, ``GET /counts`` and the stream agree. A view
-write waits (briefly) until the relay has installed it, so the caller reads its own write.
+Counts and the views they belong to come from one counter-state snapshot (the same source
+the stream uses), so ``GET /views``, ``GET /counts`` and the stream agree; nothing here talks
+to the relay. A view write waits (briefly) until the state shows it, so the caller reads its
+own write; it never drives the relay itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from starlette.routing import BaseRoute, Route
 
 from .. import conversations
 from ..domain import NOBODY, check_text, now_us
-from ..exceptions import NotFound, ValidationError
+from ..exceptions import LivecountError, NotFound, ValidationError
 from ..service import Caller, Service, wait_for_position
 from ..store.base import View, written_position
 from ..views import Rendered, render_counts, view_to_wire, visible_views
@@ -49,30 +50,33 @@ def position_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-async def settle(service: Service, done: Callable[[], bool]) -> None:
-    """Drive the relay until ``done()`` holds (a write became visible), or give up quietly
-    after ``SETTLE_TIMEOUT`` seconds: the write has committed either way, and the stream
-    will show it."""
+async def settle(service: Service, workspace_id: int, done: Callable[[list[View]], bool]
+                 ) -> None:
+    """Wait until the counter state reflects this request's write and ``done(views)`` holds
+    for its views, or give up quietly after ``SETTLE_TIMEOUT`` seconds: the write has
+    committed either way, and the stream will show it."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
+    position = written_position.get()
+    delay = 0.002
     try:
-        while not done() and time.monotonic() < deadline:
-            await service.relay.sync()
-            if not done():
-                await asyncio.sleep(0.005)
-    except Exception:  # the relay logs and retries on its own; the write stands
-        log.warning("the relay failed while settling a write", exc_info=True)
+        if position:
+            await wait_for_position(service.state, service.store, workspace_id, position,
+                                    SETTLE_TIMEOUT)
+        while not done((await service.state.snapshot(workspace_id)).views):
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+    except LivecountError:  # not reflected in time: the write stands
+        log.info("a write was not reflected in the counts within %.1f s", SETTLE_TIMEOUT)
 
 
 async def counts_for(service: Service, workspace_id: int, teammate: int | None
                      ) -> tuple[int, list[View], Rendered]:
-    """(seq, visible views in position order, their counts as ``teammate`` sees them), read
-    so that the views and the counters belong together."""
-    for _ in range(3):
-        views = service.relay.views(workspace_id)
-        snapshot = await service.state.snapshot(workspace_id)
-        if service.relay.views(workspace_id) == views:
-            break
-    shown = sorted(visible_views(views, teammate), key=lambda v: (v.position, v.id))
+    """(seq, visible views in position order, their counts as ``teammate`` sees them), from
+    one state snapshot, so the views and the counters belong together."""
+    snapshot = await service.state.snapshot(workspace_id)
+    shown = sorted(visible_views(snapshot.views, teammate), key=lambda v: (v.position, v.id))
     return snapshot.seq, shown, render_counts(shown, snapshot.counts, teammate)
 
 
@@ -87,10 +91,9 @@ async def _visible_view(request: Request, caller: Caller) -> View:
     return view
 
 
-def _installed(service: Service, view: View) -> Callable[[], bool]:
-    def done() -> bool:
-        return any(v.id == view.id and v.version >= view.version
-                   for v in service.relay.views(view.workspace_id))
+def _installed(view: View) -> Callable[[list[View]], bool]:
+    def done(views: list[View]) -> bool:
+        return any(v.id == view.id and v.version >= view.version for v in views)
     return done
 
 
@@ -116,7 +119,7 @@ async def create_view(request: Request) -> Response:
     view = await service.store.create_view(
         workspace_id, body["name"], body["filter"], body.get("group_by"),
         caller.teammate_id if personal else None)
-    await settle(service, _installed(service, view))
+    await settle(service, workspace_id, _installed(view))
     return JSONResponse(view_to_wire(view), status_code=201, headers=position_headers())
 
 
@@ -128,7 +131,7 @@ async def replace_view(request: Request) -> Response:
     view = await service.store.update_view(view.workspace_id, view.id, body["name"],
                                            body["filter"], body.get("group_by"),
                                            body.get("position"))
-    await settle(service, _installed(service, view))
+    await settle(service, view.workspace_id, _installed(view))
     return JSONResponse(view_to_wire(view), headers=position_headers())
 
 
@@ -137,8 +140,7 @@ async def delete_view(request: Request) -> Response:
     view = await _visible_view(request, caller)
     service = service_of(request)
     await service.store.delete_view(view.workspace_id, view.id)
-    await settle(service, lambda: all(v.id != view.id
-                                      for v in service.relay.views(view.workspace_id)))
+    await settle(service, view.workspace_id, lambda views: all(v.id != view.id for v in views))
     return Response(status_code=204, headers=position_headers())
 
 

@@ -17,24 +17,26 @@ new epoch, so a client can never mix seqs of two numberings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import msgspec
 
 from ..exceptions import LivecountError
-from ..store.base import Counts
+from ..store.base import Counts, View
 
 __all__ = ["CounterState", "StateConflict", "StateSnapshot", "Update"]
 
 
 class StateSnapshot(msgspec.Struct, frozen=True):
-    """All counters of a workspace at ``seq`` (after applying the outbox up to ``position``)."""
+    """All counters of a workspace at ``seq`` (after applying the outbox up to ``position``),
+    and the views they count: a gateway reads both here, never from the relay."""
 
     epoch: str
     seq: int
     position: int
     counts: Counts
+    views: list[View] = msgspec.field(default_factory=list)
 
 
 class Update(msgspec.Struct, frozen=True):
@@ -78,10 +80,12 @@ class CounterState(Protocol):
         ...
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
-                      view_ids: Iterable[int] | None = None) -> Update:
+                      view_ids: Iterable[int] | None = None, *,
+                      views: Sequence[View]) -> Update:
         """Set the counters of ``view_ids`` (all when None) to ``counts``, what a recount
-        found, and record ``position``. Counters of those views absent from ``counts`` become
-        0. Always advances the seq, even when no counter changed: it marks a change of views,
+        found, record ``position`` and the workspace's ``views`` (all of them, as counted
+        from now on), atomically. Counters of those views absent from ``counts`` become 0.
+        Always advances the seq, even when no counter changed: it marks a change of views,
         which a client resuming from an earlier seq must learn about."""
         ...
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from ..store.base import Counts
+from ..store.base import Counts, View
 from .base import StateConflict, StateSnapshot, Update
 
 __all__ = ["MemoryState"]
 
 
 class _Workspace:
-    __slots__ = ("counts", "position", "seq")
+    __slots__ = ("counts", "position", "seq", "views")
 
     def __init__(self) -> None:
         self.counts: Counts = {}
         self.seq = 0
         self.position = 0
+        self.views: list[View] = []
 
 
 class MemoryState:
@@ -62,8 +63,10 @@ class MemoryState:
         return self._commit(ws, changed)
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
-                      view_ids: Iterable[int] | None = None) -> Update:
+                      view_ids: Iterable[int] | None = None, *,
+                      views: Sequence[View]) -> Update:
         ws = self._get(workspace_id)
+        ws.views = list(views)
         scope = None if view_ids is None else set(view_ids)
         changed: Counts = {}
         for key in [k for k in ws.counts if scope is None or k[0] in scope]:
@@ -98,7 +101,7 @@ class MemoryState:
 
     async def snapshot(self, workspace_id: int) -> StateSnapshot:
         ws = self._get(workspace_id)
-        return StateSnapshot(self.epoch, ws.seq, ws.position, dict(ws.counts))
+        return StateSnapshot(self.epoch, ws.seq, ws.position, dict(ws.counts), list(ws.views))
 
     def _commit(self, ws: _Workspace, changed: Counts, bump: bool = False) -> Update:
         if changed or bump:
