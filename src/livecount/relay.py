@@ -45,7 +45,7 @@ from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
 from .exceptions import LivecountError, Unavailable
-from .schedule import DueFlip, FlipSchedule, ReopenSchedule, Timer
+from .schedule import DueFlip, FlipSchedule, KeyedHeap, ReopenSchedule, Timer
 from .state.base import CounterState, StateConflict, Update
 from .store.base import Counts, OutboxEntry, Store, View, relay_lane
 
@@ -222,6 +222,10 @@ class Relay:
         self._workspaces: dict[int, _Workspace] = {}
         self._unbuilt: set[int] = set()  # workspaces whose (re)build failed or is due
         self._reopens = ReopenSchedule()
+        #: workspace → its next flip instant: the one place a step looks for due flips, so a
+        #: step costs what its entries and due flips touch, not the number of workspaces
+        self._timers: KeyedHeap[int, None] = KeyedHeap()
+        self._inflight: set[int] = set()  # workspaces with a plan to send again
         self._outgoing: dict[int, deque[BusMessage]] = {}
         self._wake = asyncio.Event()
         self._reopen_wake = asyncio.Event()
@@ -304,11 +308,18 @@ class Relay:
 
     def _next_timeout(self) -> float:
         """Seconds until the next flip is due, at most the poll interval."""
-        instants = [i for ws in self._workspaces.values()
-                    if (i := ws.flips.next_instant()) is not None]
-        if not instants:
+        instant = self._timers.peek()
+        if instant is None:
             return self.poll_interval
-        return max(0.0, min(self.poll_interval, (min(instants) - self.clock()) / 1e6))
+        return max(0.0, min(self.poll_interval, (instant - self.clock()) / 1e6))
+
+    def _retime(self, workspace_id: int, ws: _Workspace) -> None:
+        """Keep the workspace's next flip instant in the global timer heap."""
+        instant = ws.flips.next_instant()
+        if instant is None:
+            self._timers.remove(workspace_id)
+        else:
+            self._timers.set(workspace_id, instant, None)
 
     async def _run(self) -> None:
         while True:
@@ -380,10 +391,8 @@ class Relay:
             groups: dict[int, list[OutboxEntry]] = {}
             for entry in entries:
                 groups.setdefault(entry.workspace_id, []).append(entry)
-            for workspace_id, ws in self._workspaces.items():
-                if workspace_id not in groups and (
-                        ws.inflight is not None
-                        or (ws.flips.next_instant() or now + 1) <= now):
+            for workspace_id in (*self._inflight, *(w for _, w, _ in self._timers.due(now))):
+                if workspace_id not in groups and workspace_id in self._workspaces:
                     groups[workspace_id] = []
             for workspace_id, group in groups.items():
                 await self._advance(workspace_id, group, now)
@@ -459,15 +468,18 @@ class Relay:
 
     async def _commit(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:
         ws.inflight = plan
+        self._inflight.add(workspace_id)
         try:
             update = await self.state.apply(workspace_id, plan.deltas, plan.position,
                                             plan.expect)
         except StateConflict:
             self.conflicts += 1
             ws.inflight = None
+            self._inflight.discard(workspace_id)
             self._unbuilt.add(workspace_id)  # someone else changed the counters: recount
             raise
         ws.inflight = None
+        self._inflight.discard(workspace_id)
         self._finish(workspace_id, ws, plan)
         if update.duplicate:
             if plan.deltas:  # it landed before; its message was never sent
@@ -496,6 +508,7 @@ class Relay:
         ws.applied = plan.position
         ws.clock = max(ws.clock, plan.now)
         self.entries_applied += len(plan.entries)
+        self._retime(workspace_id, ws)
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -555,6 +568,8 @@ class Relay:
             self._reopens.watch(image)
         self._reopen_wake.set()
         self._workspaces[workspace_id] = ws
+        self._inflight.discard(workspace_id)
+        self._retime(workspace_id, ws)
         self._unbuilt.discard(workspace_id)
         self._outgoing.pop(workspace_id, None)  # superseded by the new counts
         self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed,
@@ -681,6 +696,7 @@ class Relay:
             if timers:
                 for image in counting.images.values():
                     ws.flips.extend(image, timers, ws.clock)
+                self._retime(workspace_id, ws)
                 self._wake.set()  # the relay sleeps until the next instant: a new one now
             self._send(BusMessage(workspace_id, update.epoch, update.seq, "views",
                                   update.changed, self.views(workspace_id)))
