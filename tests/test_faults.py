@@ -540,3 +540,32 @@ async def test_an_api_storm_never_reaches_the_relay(world: dict[str, Any]) -> No
     assert relay.errors == 0  # not one relay call failed
     for ws in workspaces:
         await assert_exact(relay, store, state, ws, world["clock"])
+
+
+async def test_a_lost_reply_on_a_flip_only_commit_is_not_applied_twice(
+        world: dict[str, Any]) -> None:
+    """Flips due while no entry arrives commit without moving the position: a re-sent plan
+    after a lost reply must still be recognised as landed."""
+    store: Store = world["store"]
+    faults: Faults = world["faults"]
+    clock: list[int] = world["clock"]
+    ws = (await store.create_workspace("A")).id
+    view = await store.create_view(ws, "waiting", {"field": "waiting_since",
+                                                   "operator": "older_than", "value": 60},
+                                   None, None)
+    for _ in range(3):
+        await store.create_conversation(ws, {"waiting_since": format_timestamp(clock[0])},
+                                        None)
+    relay = relay_of(world)
+    await relay.start(background=False)
+    await relay.sync()
+    clock[0] += 61 * SECOND
+    faults.enabled = True
+    faults.once["state.apply"] = "lost-reply"
+    with pytest.raises(TimeoutError):
+        await relay.step()
+    faults.enabled = False
+    await relay.step()
+    await relay.step()
+    assert (await world["state"].snapshot(ws)).counts.get((view.id, None, None)) == 3
+    await assert_exact(relay, store, world["state"], ws, clock)

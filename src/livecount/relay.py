@@ -83,6 +83,8 @@ class _Plan:
     deltas: Counts
     flips: list[DueFlip]
     entries: list[OutboxEntry]
+    seq: int  # the state's seq when this was computed
+    sent: bool = False  # sent at least once (its outcome may be unknown)
 
 
 @dataclass
@@ -95,6 +97,7 @@ class _Workspace:
     flips: FlipSchedule = field(default_factory=FlipSchedule)
     timers: tuple[Timer, ...] = ()
     inflight: _Plan | None = None  # a plan whose commit raised: sent again first
+    seq: int = 0  # the state's seq, as this relay last saw it
     waiting: dict[int, View] = field(default_factory=dict)  # views being counted
     installs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -464,9 +467,32 @@ class Relay:
         if not done and not due:
             return None, poisoned
         position = done[-1].position if done else ws.applied
-        return _Plan(ws.applied, position, now, deltas, due, done), poisoned
+        return _Plan(ws.applied, position, now, deltas, due, done, ws.seq), poisoned
 
     async def _commit(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:
+        if plan.position == plan.expect:
+            # Flips alone: the position does not move, so the state cannot tell a re-sent
+            # plan from a new one. The seq can: this relay is the workspace's only writer.
+            if not plan.deltas:
+                self._finish(workspace_id, ws, plan)
+                return
+            if plan.sent:
+                state = await self.state.snapshot(workspace_id)
+                if state.seq == plan.seq + 1:  # it landed; its message was never sent
+                    ws.inflight = None
+                    self._inflight.discard(workspace_id)
+                    self._finish(workspace_id, ws, plan)
+                    ws.seq = state.seq
+                    self._send(BusMessage(workspace_id, state.epoch, state.seq, "reset", {}))
+                    await self._publish(workspace_id)
+                    return
+                if state.seq != plan.seq:
+                    self.conflicts += 1
+                    ws.inflight = None
+                    self._inflight.discard(workspace_id)
+                    self._unbuilt.add(workspace_id)
+                    raise StateConflict(workspace_id, plan.expect, plan.expect)
+        plan.sent = True
         ws.inflight = plan
         self._inflight.add(workspace_id)
         try:
@@ -481,6 +507,7 @@ class Relay:
         ws.inflight = None
         self._inflight.discard(workspace_id)
         self._finish(workspace_id, ws, plan)
+        ws.seq = update.seq
         if update.duplicate:
             if plan.deltas:  # it landed before; its message was never sent
                 self._send(BusMessage(workspace_id, update.epoch, update.seq, "reset", {}))
@@ -559,7 +586,7 @@ class Relay:
         if old is not None:
             for task in old.installs.values():
                 task.cancel()
-        ws = _Workspace(engine, applied=snapshot.position, clock=now)
+        ws = _Workspace(engine, applied=snapshot.position, clock=now, seq=update.seq)
         ws.retime()
         self._reopens.forget_workspace(workspace_id)
         for image in conversations:
@@ -618,7 +645,7 @@ class Relay:
         # counted in the background, installed when done; the position moves on now
         update = await self.state.apply(workspace_id, {}, entry.position, ws.applied)
         ws.applied = entry.position
-        del update
+        ws.seq = update.seq
         ws.waiting[view_id] = after
         if view_id not in ws.installs:
             ws.installs[view_id] = asyncio.create_task(
@@ -628,6 +655,7 @@ class Relay:
     def _view_committed(self, workspace_id: int, ws: _Workspace, position: int,
                         update: Update) -> None:
         ws.applied = position
+        ws.seq = update.seq
         self._send(BusMessage(workspace_id, update.epoch, update.seq, "views", update.changed,
                               self.views(workspace_id)))
 
@@ -689,6 +717,7 @@ class Relay:
             update = await self.state.replace(workspace_id, counts, ws.applied, [view.id],
                                               views=views)
             # committed: reflect it (no await until the publish)
+            ws.seq = update.seq
             del ws.waiting[view.id]
             compiled = ws.engine.set_view(view)
             ws.retime()
@@ -814,6 +843,7 @@ class Relay:
             if drift and repair:
                 update = await self.state.assign(workspace_id,
                                                  {k: expected.get(k, 0) for k in drift})
+                ws.seq = update.seq
                 repaired = True
                 self.drift_repaired += len(drift)
                 if update.changed:
