@@ -519,11 +519,14 @@ async def eventually_true(check: Callable[[], bool], within: float = 10.0) -> No
 # -- 3. the view form --------------------------------------------------------------------------
 
 
-async def open_view_form(page: Any) -> None:
+async def open_view_form(page: Any, tab: str = "json") -> None:
+    """Open the new-view dialog on its JSON tab (the builder: tests/web/test_view_builder.py)."""
     from playwright.async_api import expect
 
     await page.get_by_test_id("new-view").click()
     await expect(page.get_by_test_id("view-dialog")).to_be_visible()
+    await page.get_by_test_id(f"tab-{tab}").click()
+    await expect(page.get_by_test_id(f"panel-{tab}")).to_be_visible()
 
 
 async def test_a_view_created_in_the_form_appears_with_its_count(
@@ -541,7 +544,7 @@ async def test_a_view_created_in_the_form_appears_with_its_count(
 
     await open_view_form(ada)
     prefilled = json.loads(await ada.get_by_test_id("view-filter").input_value())
-    assert prefilled["operator"] == "AND"  # an example to start from, valid JSON
+    assert prefilled == {"operator": "AND", "value": []}  # the empty builder, as JSON
     await ada.get_by_test_id("view-name").fill(name)
     await ada.get_by_test_id("view-filter").fill(json.dumps(filter_))
     await ada.get_by_test_id("view-submit").click()

@@ -18,7 +18,7 @@ from .. import conversations
 from ..domain import Image
 from ..exceptions import ValidationError
 from ..store.base import Team, Teammate
-from . import views_api
+from . import preview, views_api
 from .auth import admin_caller, service_of, workspace_caller
 from .body import fields, read_json
 from .errors import JSONResponse
@@ -181,4 +181,5 @@ def routes() -> list[BaseRoute]:
         route(conversation, get=get_conversation, patch=update_conversation),
         route(f"{_WS}/reconcile", post=reconcile),
         *views_api.routes(_WS, route),
+        *preview.routes(_WS, route),
     ]

@@ -34,6 +34,8 @@ _ERROR_TEXT: Final[dict[int, str]] = {
     409: "Conflict: a teammate with this email exists, or a concurrent change; retry.",
     412: "If-Match named a version that is not the current one.",
     413: "The request body is larger than 1 MiB.",
+    429: "Too many requests from this token (view previews are rate-limited per token); "
+         "retry after the Retry-After header's seconds.",
     503: "Draining, or above the soft memory watermark.",
 }
 _WRITE_ERRORS: Final = (400, 401, 403, 404, 405, 413, 503)
@@ -178,6 +180,19 @@ def _schemas() -> dict[str, Any]:
                            "personal": {"type": "boolean", "default": False,
                                         "description": "Visible only to the caller (not "
                                                        "for the admin token)."}}},
+        "ViewPreview": {
+            "type": "object", "additionalProperties": False, "required": ["filter"],
+            "properties": {"filter": _ref("Filter"), "group_by": _ref("GroupBy")}},
+        "Preview": {
+            "description": "What a view with this filter would count for the caller now: "
+                           "{count} for a plain filter, {counts} (group value → count, empty "
+                           "groups left out) with group_by.",
+            "oneOf": [
+                {"type": "object", "required": ["count"], "additionalProperties": False,
+                 "properties": {"count": {"type": "integer", "minimum": 0}}},
+                {"type": "object", "required": ["counts"], "additionalProperties": False,
+                 "properties": {"counts": {"type": "object", "additionalProperties": {
+                     "type": "integer", "minimum": 1}}}}]},
         "ViewReplace": {
             "type": "object", "additionalProperties": False, "required": ["name", "filter"],
             "properties": {"name": _NAME, "filter": _ref("Filter"), "group_by": _ref("GroupBy"),
@@ -186,7 +201,12 @@ def _schemas() -> dict[str, Any]:
 
 
 def _responses() -> dict[str, Any]:
-    return {f"E{status}": _json(_ref("Error"), text) for status, text in _ERROR_TEXT.items()}
+    responses = {f"E{status}": _json(_ref("Error"), text)
+                 for status, text in _ERROR_TEXT.items()}
+    responses["E429"]["headers"] = {"Retry-After": {
+        "required": True, "description": "Whole seconds to wait before retrying.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    return responses
 
 
 def _op(summary: str, ok: str, ok_response: dict[str, Any], errors: tuple[int, ...], *,
@@ -291,6 +311,14 @@ def _paths() -> dict[str, Any]:
             "post": _op("Create a view", "201", view, (*_WRITE_ERRORS, 409), body="ViewCreate",
                         parameters=[_WS]),
         },
+        f"{ws}/views/preview": {"post": _op(
+            "Preview a view's count without saving it", "200", _json(
+                _ref("Preview"), "The count as the caller would see it ($me is the caller), "
+                "from one consistent snapshot."),
+            (*_WRITE_ERRORS, 429), body="ViewPreview", parameters=[_WS],
+            description="Validated exactly like a view (the same 400s, naming the same "
+                        "path); nothing is written. Rate-limited per token (a burst of 10, "
+                        "then 3 per second): 429 with Retry-After past it.")},
         f"{ws}/views/{{view_id}}": {
             "put": _op("Replace a view's name, filter, grouping (and position)", "200", view,
                        (*_WRITE_ERRORS, 409), body="ViewReplace", parameters=[_WS, _VIEW]),

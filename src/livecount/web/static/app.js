@@ -21,13 +21,10 @@
   const STORE_WS = "livecount.ws";
   const STORE_TOKEN = "livecount.token";
   const STORE_SELECTED = "livecount.selected";
-  const EXAMPLE_FILTER = JSON.stringify({
-    operator: "AND",
-    value: [
-      { field: "state", operator: "=", value: "open" },
-      { field: "priority", operator: "=", value: true },
-    ],
-  }, null, 2);
+  // The view builder: a preview is asked for this long after the last change, one at a time.
+  const PREVIEW_DEBOUNCE_MS = 400;
+  const JSON_SYNC_MS = 250;
+  const KNOWN_CHANNELS = ["chat", "email", "phone", "social"];
   // Folders are seeded as the workspace's first shared views, at positions 0..6.
   const FOLDER_COUNT = 7;
   const TEAMMATE_FIELDS = new Set(["assignee_id", "author_id", "mentions", "unread_by"]);
@@ -47,6 +44,16 @@
   };
 
   const $ = (id) => document.getElementById(id);
+
+  // JSON text of a value, as the server reads numbers: an integral number past ±2**53 (say
+  // 1e20, which JSON.stringify writes as 100000000000000000000, an integer the server refuses)
+  // is written in exponent form, so it stays the float it was.
+  const BIG = "\u0000livecount-number:";
+  function jsonText(value, indent) {
+    const text = JSON.stringify(value, (key, v) => (
+      typeof v === "number" && Number.isInteger(v) && Math.abs(v) > 2 ** 53 ? BIG + v.toExponential() : v), indent);
+    return text.replace(/"\\u0000livecount-number:([^"]+)"/g, "$1");
+  }
 
   // -- DOM helpers (text only) ----------------------------------------------------------------
 
@@ -86,10 +93,11 @@
   // -- HTTP API ---------------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, code, message) {
+    constructor(status, code, message, retryAfter = null) {
       super(message);
       this.status = status;
       this.code = code;
+      this.retryAfter = retryAfter; // seconds (Retry-After), for 429 and 503
     }
   }
 
@@ -103,7 +111,7 @@
       response = await fetch(url, {
         method,
         headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
+        body: body === undefined ? undefined : jsonText(body),
         cache: "no-store",
       });
     } catch (err) {
@@ -119,8 +127,10 @@
     }
     if (!response.ok) {
       const error = (data && data.error) || {};
+      const retry = Number(response.headers.get("Retry-After"));
       throw new ApiError(response.status, error.code || "http_error",
-        error.message || `${response.status} ${response.statusText}`);
+        error.message || `${response.status} ${response.statusText}`,
+        Number.isFinite(retry) && retry >= 0 ? retry : null);
     }
     return data;
   }
@@ -241,7 +251,16 @@
     return !!sel && String(sel.viewId) === String(viewId) && (sel.group ?? null) === (group ?? null);
   }
 
-  function viewRow(view, { group = null, label, marker = null, nested = false } = {}) {
+  function menuButton(view) {
+    return h("button", {
+      type: "button", className: "row-menu", "data-testid": `view-menu-${view.id}`,
+      "aria-label": `Options for view ${view.name}`, "aria-haspopup": "menu", "aria-expanded": "false",
+      title: "Edit, rename, move or delete",
+      onclick: (event) => openViewMenu(view.id, event.currentTarget),
+    }, "⋯");
+  }
+
+  function viewRow(view, { group = null, label, marker = null, nested = false, menu = null } = {}) {
     const suffix = group === null ? `${view.id}` : `${view.id}-${group}`;
     const selected = isSelected(view.id, group);
     const button = h("button", {
@@ -256,7 +275,7 @@
     h("span", { className: "nav-label" }, label ?? view.name),
     marker,
     badge(countOf(view.id, group), `count-${suffix}`));
-    return h("li", {}, button);
+    return h("li", { className: menu ? "nav-item has-menu" : null }, button, menu);
   }
 
   function section(title, testid, rows) {
@@ -283,11 +302,11 @@
         ? h("span", { className: "marker", title: "Only you see this view", "data-testid": `personal-${view.id}` }, "personal")
         : null;
       if (!view.group_by) {
-        customRows.push(viewRow(view, { marker }));
+        customRows.push(viewRow(view, { marker, menu: menuButton(view) }));
         continue;
       }
-      customRows.push(h("li", { className: "nav-group", "data-testid": `view-${view.id}` },
-        h("span", { className: "nav-label" }, view.name), marker));
+      customRows.push(h("li", { className: "nav-group has-menu", "data-testid": `view-${view.id}` },
+        h("span", { className: "nav-label" }, view.name), marker, menuButton(view)));
       for (const g of groupsOf(view)) {
         customRows.push(viewRow(view, { group: g, label: groupLabel(view, g), nested: true }));
       }
@@ -309,7 +328,13 @@
       return;
     }
     lastSidebarSignature = signature;
+    // Keep the keyboard where it was: the same row (or row menu) is focused again.
+    const focused = root.contains(document.activeElement) ? document.activeElement.dataset.testid : null;
     root.replaceChildren(...fresh.childNodes);
+    if (focused) {
+      const again = root.querySelector(`[data-testid="${CSS.escape(focused)}"]`);
+      if (again) again.focus();
+    }
   }
 
   let lastSidebarSignature = null;
@@ -716,49 +741,599 @@
     renderListHead();
   }
 
-  // -- dialogs ----------------------------------------------------------------------------------
+  // -- the view dialog: visual builder, JSON tab, live preview ---------------------------------
 
-  function openViewDialog() {
-    const form = $("view-form");
-    form.reset();
-    $("view-filter").value = EXAMPLE_FILTER;
+  const editor = {
+    mode: "create", // or "edit"
+    view: null, // the view being edited
+    builder: null,
+    tab: "builder",
+    stale: null, // why the JSON tab's text cannot be shown in the builder, or null
+    jsonTimer: null,
+    preview: { timer: null, retryTimer: null, inflight: false, again: false, generation: 0, last: null },
+  };
+
+  const pretty = (filter) => jsonText(filter, 2);
+
+  // Values the pickers suggest: what the page has seen in views and lists (free text is allowed).
+  function collectValues(field, extra) {
+    const found = new Set(extra);
+    const walk = (node) => {
+      if (!node || typeof node !== "object") return;
+      if (Array.isArray(node)) { node.forEach(walk); return; }
+      if (node.field === field) {
+        for (const v of [].concat(node.value ?? [])) if (typeof v === "string" && v) found.add(v);
+      }
+      if (typeof node.operator === "string" && ["AND", "OR", "NOT"].includes(node.operator)) walk(node.value);
+    };
+    state.views.forEach((v) => walk(v.filter));
+    for (const conv of state.list.items) {
+      for (const v of [].concat(conv[field] ?? [])) if (typeof v === "string" && v) found.add(v);
+    }
+    return [...found].sort((a, b) => a.localeCompare(b));
+  }
+
+  function builderContext() {
+    return {
+      teammates: () => [...state.teammates.values()],
+      teams: () => [...state.teams.values()],
+      me: () => (state.me ? state.me.id : null),
+      tags: () => collectValues("tags", []),
+      channels: () => collectValues("channel", KNOWN_CHANNELS),
+      onChange: builderChanged,
+    };
+  }
+
+  function builderChanged() {
+    editor.stale = null;
+    $("view-filter").value = pretty(editor.builder.filter());
+    setJsonStatus("In sync with the builder.");
+    renderStale();
+    schedulePreview();
+  }
+
+  function setJsonStatus(text) {
+    $("json-status").textContent = text;
+  }
+
+  function renderStale() {
+    const note = $("builder-stale");
+    note.textContent = editor.stale
+      ? `The builder cannot show this filter (${editor.stale}). Edit it in the JSON tab; the builder takes it back once it can.`
+      : "";
+    show(note, !!editor.stale);
+    show($("builder"), !editor.stale);
+  }
+
+  // The JSON tab's text → the builder, when the builder can show it.
+  function syncFromJson() {
+    clearTimeout(editor.jsonTimer);
+    editor.jsonTimer = null;
+    let parsed;
+    try {
+      parsed = JSON.parse($("view-filter").value);
+    } catch (err) {
+      editor.stale = "it is not valid JSON";
+      setJsonStatus(`Not valid JSON: ${err.message}`);
+      renderStale();
+      return;
+    }
+    try {
+      editor.builder.set(parsed);
+      editor.stale = null;
+      setJsonStatus("The builder shows this filter.");
+    } catch (err) {
+      if (!(err instanceof window.LivecountBuilder.Unrepresentable)) throw err;
+      editor.stale = err.message;
+      setJsonStatus(`Only in JSON: ${err.message}.`);
+    }
+    renderStale();
+  }
+
+  function groupByValue() {
+    const choice = $("view-group-by").value;
+    if (!choice) return null;
+    if (choice === "custom") return `custom.${$("view-group-key").value.trim()}`;
+    return choice;
+  }
+
+  function setGroupBy(value) {
+    const custom = typeof value === "string" && value.startsWith("custom.");
+    $("view-group-by").value = custom ? "custom" : (value || "");
+    $("view-group-key").value = custom ? value.slice(7) : "";
+    show($("view-group-key-label"), custom);
+  }
+
+  // What to preview or save: {filter} or {error} (text) or {problem} (an unfinished builder row).
+  function currentFilter() {
+    if (editor.tab === "json" || editor.stale) {
+      if (editor.jsonTimer) syncFromJson();
+      try {
+        return { filter: JSON.parse($("view-filter").value) };
+      } catch (err) {
+        return { error: `filter: not valid JSON (${err.message})` };
+      }
+    }
+    const problem = editor.builder.problem();
+    return problem ? { problem } : { filter: editor.builder.filter() };
+  }
+
+  // The path a server message starts with (``filter.value[1].operator: …``), if any.
+  function messagePath(message) {
+    const match = /^([A-Za-z_][\w.[\]]*): /.exec(message || "");
+    return match ? match[1] : null;
+  }
+
+  function markFromMessage(message) {
+    const path = messagePath(message);
+    const groupBy = path === "group_by";
+    $("view-group-by").setAttribute("aria-invalid", groupBy ? "true" : "false");
+    if (path && path.startsWith("filter") && !editor.stale) editor.builder.mark(path, message);
+    else editor.builder.unmark();
+  }
+
+  function schedulePreview(delay = PREVIEW_DEBOUNCE_MS) {
+    const p = editor.preview;
+    clearTimeout(p.timer);
+    p.generation += 1;
+    if (p.inflight) p.again = true;
+    show($("view-error"), false); // about what was submitted; the filter has changed since
+    p.timer = setTimeout(runPreview, delay);
+    const el = $("preview");
+    if (el.dataset.state === "ok") el.dataset.state = "pending";
+  }
+
+  async function runPreview() {
+    const p = editor.preview;
+    clearTimeout(p.timer);
+    clearTimeout(p.retryTimer);
+    if (!$("view-dialog").open) return;
+    if (p.inflight) { p.again = true; return; }
+    const current = currentFilter();
+    if (current.error) {
+      renderPreview({ kind: "invalid", message: current.error });
+      editor.builder.unmark();
+      return;
+    }
+    if (current.problem) {
+      renderPreview({ kind: "incomplete", message: current.problem.message });
+      editor.builder.mark(current.problem.node, current.problem.message, "incomplete");
+      return;
+    }
+    const groupBy = groupByValue();
+    const body = { filter: current.filter };
+    if (groupBy) body.group_by = groupBy;
+    const generation = p.generation;
+    p.inflight = true;
+    p.again = false;
+    renderPreview({ kind: "loading" });
+    try {
+      const data = await api("POST", "/views/preview", { body });
+      if (generation === p.generation && !p.again) {
+        renderPreview({ kind: "ok", data, groupBy });
+        markFromMessage(null);
+      }
+    } catch (err) {
+      if (generation === p.generation && !p.again) {
+        if (err.status === 429) {
+          const wait = Math.max(1, err.retryAfter || 1);
+          renderPreview({ kind: "limited", message: `Counting paused: too many previews. Trying again in ${wait} s.` });
+          p.retryTimer = setTimeout(runPreview, wait * 1000);
+        } else if (err.status === 400) {
+          renderPreview({ kind: "invalid", message: err.message });
+          markFromMessage(err.message);
+        } else {
+          renderPreview({ kind: "error", message: `Could not count: ${err.message}` });
+        }
+      }
+    } finally {
+      p.inflight = false;
+      if (p.again && $("view-dialog").open) {
+        p.again = false;
+        runPreview();
+      }
+    }
+  }
+
+  function renderPreview(st) {
+    const el = $("preview");
+    el.dataset.state = st.kind;
+    if (st.kind === "loading") {
+      el.classList.add("busy");
+      if (!el.firstChild) el.append(h("span", { className: "muted" }, "Counting…"));
+      return;
+    }
+    el.classList.remove("busy");
+    editor.preview.last = st;
+    if (st.kind !== "ok") {
+      const label = st.kind === "incomplete" ? "Not finished yet" : (st.kind === "invalid" ? "Not valid yet" : "Preview");
+      el.replaceChildren(h("span", { className: `preview-flag preview-${st.kind}` }, label),
+        h("span", { className: "preview-message", "data-testid": "preview-error" }, st.message));
+      return;
+    }
+    if (typeof st.data.count === "number") {
+      const n = st.data.count;
+      el.replaceChildren(h("span", { className: "preview-num", "data-testid": "preview-count" }, String(n)),
+        h("span", {}, n === 1 ? " conversation matches now" : " conversations match now"),
+        h("span", { className: "muted" }, state.me ? " (as you see them)" : ""));
+      return;
+    }
+    const groups = Object.entries(st.data.counts || {}).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+    const like = { group_by: st.groupBy };
+    const shown = groups.slice(0, 6).map(([g, n]) => h("li", { "data-testid": `preview-group-${g}` },
+      h("span", {}, String(groupLabel(like, g))), " ", h("b", {}, String(n))));
+    el.replaceChildren(h("span", { className: "preview-num", "data-testid": "preview-count" }, String(groups.length)),
+      h("span", {}, ` group${groups.length === 1 ? "" : "s"}`),
+      groups.length ? h("ul", { className: "preview-groups" }, shown,
+        groups.length > 6 ? h("li", { className: "muted" }, `+${groups.length - 6} more`) : null) : null);
+  }
+
+  function selectTab(tab, { focus = false } = {}) {
+    if (tab === "builder" && editor.tab === "json") syncFromJson();
+    if (tab === "json" && editor.tab === "builder" && !editor.stale) {
+      $("view-filter").value = pretty(editor.builder.filter());
+      setJsonStatus("In sync with the builder.");
+    }
+    editor.tab = tab;
+    for (const name of ["builder", "json"]) {
+      const button = $(`tab-${name}`);
+      button.setAttribute("aria-selected", String(name === tab));
+      button.tabIndex = name === tab ? 0 : -1;
+      show($(`panel-${name}`), name === tab);
+    }
+    renderStale();
+    if (focus) $(`tab-${tab}`).focus();
+  }
+
+  function openViewDialog(view = null) {
+    const builderApi = window.LivecountBuilder;
+    editor.mode = view ? "edit" : "create";
+    editor.view = view;
+    $("view-form").reset();
     show($("view-error"), false);
-    $("view-personal").disabled = !state.me;
+    $("view-dialog-title").textContent = view ? `Edit view “${view.name}”` : "New view";
+    $("view-form").querySelector("[type=submit]").textContent = view ? "Save changes" : "Create view";
+    $("view-name").value = view ? view.name : "";
+    setGroupBy(view ? view.group_by : null);
+    $("view-group-by").setAttribute("aria-invalid", "false");
+    const personal = !!view && view.owner_id !== null;
+    $("view-personal").checked = personal;
+    $("view-shared").checked = !personal;
+    $("view-personal").disabled = !!view || !state.me;
+    $("view-shared").disabled = !!view;
+    const note = $("visibility-note");
+    note.textContent = view ? "Who sees a view is chosen when it is created."
+      : (state.me ? "" : "The admin token has no personal views.");
+    show(note, !!note.textContent);
+    if (!editor.builder) editor.builder = builderApi.create($("builder"), builderContext());
+    editor.stale = null;
+    if (view) {
+      try {
+        editor.builder.set(view.filter);
+      } catch (err) {
+        if (!(err instanceof builderApi.Unrepresentable)) throw err;
+        editor.stale = err.message;
+      }
+    } else {
+      editor.builder.clear();
+    }
+    $("view-filter").value = pretty(view ? view.filter : editor.builder.filter());
+    setJsonStatus(editor.stale ? `Only in JSON: ${editor.stale}.` : "In sync with the builder.");
+    editor.tab = editor.stale ? "json" : "builder";
+    selectTab(editor.tab);
+    $("preview").replaceChildren();
+    editor.preview.last = null;
     $("view-dialog").showModal();
     $("view-name").focus();
+    schedulePreview(0);
+  }
+
+  function closedViewDialog() {
+    const p = editor.preview;
+    clearTimeout(p.timer);
+    clearTimeout(p.retryTimer);
+    clearTimeout(editor.jsonTimer);
+    editor.jsonTimer = null;
+    p.generation += 1;
+    p.again = false;
+    const view = editor.view;
+    const back = view && document.querySelector(`[data-testid="view-menu-${view.id}"]`);
+    (back || $("new-view")).focus();
+  }
+
+  function replaceView(view) {
+    const index = state.views.findIndex((v) => v.id === view.id);
+    if (index >= 0) state.views[index] = { ...state.views[index], ...view };
+    else state.views.push(view);
   }
 
   async function submitView(event) {
     event.preventDefault();
     const error = $("view-error");
     show(error, false);
-    let filter;
-    try {
-      filter = JSON.parse($("view-filter").value);
-    } catch (err) {
-      error.textContent = `filter: not valid JSON (${err.message})`;
+    const current = currentFilter();
+    if (current.error || current.problem) {
+      error.textContent = current.error || current.problem.message;
       show(error, true);
+      if (current.problem) {
+        editor.builder.mark(current.problem.node, current.problem.message);
+        editor.builder.focus(current.problem.node);
+      }
       return;
     }
-    const body = { name: $("view-name").value.trim(), filter, personal: $("view-personal").checked };
-    const groupBy = $("view-group-by").value.trim();
-    if (groupBy) body.group_by = groupBy;
+    const body = { name: $("view-name").value.trim(), filter: current.filter, group_by: groupByValue() };
+    const editing = editor.mode === "edit" ? editor.view : null;
+    if (!editing) body.personal = $("view-personal").checked;
     const submit = $("view-form").querySelector("[type=submit]");
     submit.disabled = true;
     try {
-      const view = await api("POST", "/views", { body });
-      if (!viewById(view.id)) state.views.push(view);
+      const view = editing
+        ? await api("PUT", `/views/${editing.id}`, { body })
+        : await api("POST", "/views", { body });
+      replaceView(view);
       $("view-dialog").close();
       renderSidebar();
-      select(view.id, null);
-      notice(`View “${view.name}” created.`, "success");
+      if (editing) {
+        if (state.selected && state.selected.viewId === view.id) {
+          renderListHead();
+          scheduleListRefresh();
+        }
+        notice(`View “${view.name}” saved.`, "success");
+      } else {
+        select(view.id, null);
+        notice(`View “${view.name}” created.`, "success");
+      }
     } catch (err) {
-      error.textContent = err.message;
+      error.textContent = err.status === 404 && editing
+        ? "This view no longer exists: someone deleted it meanwhile."
+        : err.message;
       show(error, true);
+      if (err.status === 400) markFromMessage(err.message);
     } finally {
       submit.disabled = false;
     }
   }
+
+  function wireViewDialog() {
+    const groupBy = $("view-group-by");
+    fillSelect(groupBy, window.LivecountBuilder.GROUP_BY);
+    groupBy.addEventListener("change", () => {
+      show($("view-group-key-label"), groupBy.value === "custom");
+      if (groupBy.value === "custom") $("view-group-key").focus();
+      schedulePreview();
+    });
+    $("view-group-key").addEventListener("input", () => schedulePreview());
+    $("view-filter").addEventListener("input", () => {
+      clearTimeout(editor.jsonTimer);
+      editor.jsonTimer = setTimeout(syncFromJson, JSON_SYNC_MS);
+      schedulePreview();
+    });
+    for (const name of ["builder", "json"]) {
+      $(`tab-${name}`).addEventListener("click", () => selectTab(name));
+    }
+    $("view-form").querySelector("[role=tablist]").addEventListener("keydown", (event) => {
+      const order = ["builder", "json"];
+      let next = null;
+      if (event.key === "ArrowRight" || event.key === "ArrowLeft") {
+        next = order[(order.indexOf(editor.tab) + 1) % order.length];
+      } else if (event.key === "Home") next = "builder";
+      else if (event.key === "End") next = "json";
+      if (next) {
+        event.preventDefault();
+        selectTab(next, { focus: true });
+      }
+    });
+    $("view-form").addEventListener("submit", submitView);
+    $("view-dialog").addEventListener("close", closedViewDialog);
+  }
+
+  // -- managing views: the row menu, rename, reorder, delete -----------------------------------
+
+  const menu = { viewId: null };
+
+  function customViews() {
+    return sortedViews().filter((v) => !isFolder(v));
+  }
+
+  function menuTrigger(viewId) {
+    return document.querySelector(`[data-testid="view-menu-${viewId}"]`);
+  }
+
+  function menuItems() {
+    return [...$("view-menu").querySelectorAll("[role=menuitem]")].filter((b) => !b.disabled);
+  }
+
+  function openViewMenu(viewId, trigger) {
+    if (menu.viewId === viewId && !$("view-menu").hidden) { closeViewMenu(true); return; }
+    closeViewMenu(false);
+    const custom = customViews();
+    const index = custom.findIndex((v) => v.id === viewId);
+    if (index < 0) return;
+    menu.viewId = viewId;
+    const el = $("view-menu");
+    el.querySelector("[data-action=up]").disabled = index === 0;
+    el.querySelector("[data-action=down]").disabled = index === custom.length - 1;
+    el.setAttribute("aria-label", `Options for view ${custom[index].name}`);
+    show(el, true);
+    const rect = trigger.getBoundingClientRect();
+    const width = el.offsetWidth;
+    const height = el.offsetHeight;
+    const left = Math.max(8, Math.min(rect.right - width, window.innerWidth - width - 8));
+    const below = rect.bottom + 4 + height <= window.innerHeight - 8;
+    el.style.left = `${left}px`;
+    el.style.top = `${below ? rect.bottom + 4 : Math.max(8, rect.top - height - 4)}px`;
+    trigger.setAttribute("aria-expanded", "true");
+    menuItems()[0].focus();
+  }
+
+  function closeViewMenu(focusTrigger) {
+    const el = $("view-menu");
+    if (el.hidden) return;
+    show(el, false);
+    const trigger = menu.viewId !== null ? menuTrigger(menu.viewId) : null;
+    if (trigger) {
+      trigger.setAttribute("aria-expanded", "false");
+      if (focusTrigger) trigger.focus();
+    }
+  }
+
+  function wireViewMenu() {
+    const el = $("view-menu");
+    el.addEventListener("keydown", (event) => {
+      const items = menuItems();
+      const at = items.indexOf(document.activeElement);
+      let next = null;
+      if (event.key === "ArrowDown") next = items[(at + 1) % items.length];
+      else if (event.key === "ArrowUp") next = items[(at - 1 + items.length) % items.length];
+      else if (event.key === "Home") next = items[0];
+      else if (event.key === "End") next = items[items.length - 1];
+      else if (event.key === "Escape") { event.preventDefault(); closeViewMenu(true); return; }
+      else if (event.key === "Tab") { closeViewMenu(false); return; }
+      if (next) { event.preventDefault(); next.focus(); }
+    });
+    el.addEventListener("click", (event) => {
+      const item = event.target.closest("[role=menuitem]");
+      if (!item || item.disabled) return;
+      const view = viewById(menu.viewId);
+      closeViewMenu(item.dataset.action === "up" || item.dataset.action === "down");
+      if (!view) return;
+      switch (item.dataset.action) {
+        case "edit": openViewDialog(view); break;
+        case "rename": openRenameDialog(view); break;
+        case "up": moveView(view, -1); break;
+        case "down": moveView(view, 1); break;
+        case "delete": openDeleteDialog(view); break;
+        default: break;
+      }
+    });
+    document.addEventListener("mousedown", (event) => {
+      if (el.hidden || el.contains(event.target)) return;
+      if (event.target.closest && event.target.closest(".row-menu")) return;
+      closeViewMenu(false);
+    });
+    window.addEventListener("resize", () => closeViewMenu(false));
+  }
+
+  // Swap a custom view with its neighbour: the two take each other's positions (PUT with
+  // position); the other pages follow through the stream's views message.
+  async function moveView(view, delta) {
+    const custom = customViews();
+    const i = custom.findIndex((v) => v.id === view.id);
+    const j = i + delta;
+    if (i < 0 || j < 0 || j >= custom.length) return;
+    const order = custom.slice();
+    [order[i], order[j]] = [order[j], order[i]];
+    const positions = custom.map((v) => v.position).sort((a, b) => a - b);
+    for (let k = 1; k < positions.length; k += 1) {
+      if (positions[k] <= positions[k - 1]) positions[k] = positions[k - 1] + 1;
+    }
+    const changes = order.map((v, k) => [v, positions[k]]).filter(([v, p]) => v.position !== p);
+    for (const [v, p] of changes) replaceView({ ...v, position: p });
+    renderSidebar();
+    const trigger = menuTrigger(view.id);
+    if (trigger) trigger.focus();
+    try {
+      for (const [v, p] of changes) {
+        const updated = await api("PUT", `/views/${v.id}`, {
+          body: { name: v.name, filter: v.filter, group_by: v.group_by, position: p },
+        });
+        replaceView(updated);
+      }
+      renderSidebar();
+      notice(`Moved “${view.name}” ${delta < 0 ? "up" : "down"}.`, "success");
+    } catch (err) {
+      notice(`Could not move “${view.name}”: ${err.message}`, "error");
+      loadViews().then(renderSidebar).catch(() => {});
+    }
+  }
+
+  let renaming = null;
+
+  function openRenameDialog(view) {
+    renaming = view;
+    $("rename-form").reset();
+    show($("rename-error"), false);
+    $("rename-name").value = view.name;
+    $("rename-dialog").showModal();
+    $("rename-name").select();
+  }
+
+  async function submitRename(event) {
+    event.preventDefault();
+    const view = renaming && viewById(renaming.id);
+    const error = $("rename-error");
+    show(error, false);
+    if (!view) {
+      error.textContent = "This view no longer exists.";
+      show(error, true);
+      return;
+    }
+    const name = $("rename-name").value.trim();
+    try {
+      const updated = await api("PUT", `/views/${view.id}`, {
+        body: { name, filter: view.filter, group_by: view.group_by },
+      });
+      replaceView(updated);
+      $("rename-dialog").close();
+      renderSidebar();
+      renderListHead();
+      notice(`Renamed to “${updated.name}”.`, "success");
+    } catch (err) {
+      error.textContent = err.message;
+      show(error, true);
+    }
+  }
+
+  let deleting = null;
+
+  function openDeleteDialog(view) {
+    deleting = view;
+    show($("delete-error"), false);
+    $("delete-title").textContent = `Delete “${view.name}”?`;
+    $("delete-text").textContent = view.owner_id === null
+      ? "This view is shared: it disappears for everyone in the workspace. Conversations are not affected."
+      : "This is your personal view. Conversations are not affected.";
+    $("delete-dialog").showModal();
+    $("delete-dialog").querySelector("[data-testid=delete-cancel]").focus();
+  }
+
+  async function submitDelete(event) {
+    event.preventDefault();
+    const view = deleting;
+    const error = $("delete-error");
+    try {
+      await api("DELETE", `/views/${view.id}`);
+    } catch (err) {
+      if (err.status !== 404) {
+        error.textContent = err.message;
+        show(error, true);
+        return;
+      }
+    }
+    deleting = null;
+    $("delete-dialog").close();
+    state.views = state.views.filter((v) => v.id !== view.id);
+    delete state.counts[String(view.id)];
+    if (state.selected && state.selected.viewId === view.id) selectDefault();
+    renderSidebar();
+    notice(`View “${view.name}” deleted.`, "success");
+    $("new-view").focus();
+  }
+
+  function wireManagement() {
+    wireViewMenu();
+    $("rename-form").addEventListener("submit", submitRename);
+    $("delete-form").addEventListener("submit", submitDelete);
+    for (const id of ["rename-dialog", "delete-dialog"]) {
+      $(id).addEventListener("close", () => {
+        const view = id === "rename-dialog" ? renaming : deleting;
+        const trigger = view && menuTrigger(view.id);
+        if (trigger) trigger.focus();
+      });
+    }
+  }
+
+  // -- the conversation dialog ------------------------------------------------------------------
 
   function fillSelect(select, options) {
     select.replaceChildren(...options.map(([value, label]) => h("option", { value }, label)));
@@ -907,8 +1482,9 @@
       start(ws, token);
     });
     $("sign-out").addEventListener("click", signOut);
-    $("new-view").addEventListener("click", openViewDialog);
-    $("view-form").addEventListener("submit", submitView);
+    $("new-view").addEventListener("click", () => openViewDialog(null));
+    wireViewDialog();
+    wireManagement();
     $("new-conversation").addEventListener("click", openConversationDialog);
     $("conversation-form").addEventListener("submit", submitConversation);
     $("load-more").addEventListener("click", () => loadList({ more: true }));
