@@ -32,25 +32,68 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 1 if any(r.drifted for r in results) else 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """Bring the store's schema to this version of livecount (idempotent)."""
+    from .store.migrations import migrate_store
+
+    before, after = asyncio.run(migrate_store(args.store))
+    if before == after:
+        print(f"livecount migrate: the schema is at version {after}, nothing to do")
+    else:
+        print(f"livecount migrate: migrated the schema from version {before} to {after}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
-    """Run the HTTP API and the stream gateway in this process under uvicorn."""
-    import uvicorn
-
-    from .server.app import Server, create_app, server_options
-    from .server.logs import install_redaction
+    """Run the HTTP API and the stream gateway under uvicorn: in this process, or in
+    ``--workers N`` processes under the supervisor (livecount.supervisor)."""
+    from .exceptions import ValidationError
+    from .memory import resolve_watermarks
     from .service import Settings
+    from .supervisor import WorkerSpec, run_single, run_supervisor
 
+    workers: int | None = args.workers
+    if workers is not None and workers > 1 and args.broker.startswith("memory:"):
+        raise ValidationError(
+            f"--workers {workers} needs a shared counter state and bus (--broker redis://…): "
+            "with memory:// each worker process would keep counts of its own over one store, "
+            "which is not exact across processes. Use --workers 1 (one supervised worker, "
+            "recycled with its replacement started first) or leave --workers out")
+    try:
+        marks = resolve_watermarks(args.soft_memory, args.hard_memory, workers=workers or 1)
+    except ValueError as error:
+        raise ValidationError(str(error), "--soft-memory/--hard-memory") from None
+    max_requests = args.max_requests or None
+    jitter = args.max_requests_jitter
+    if jitter is None:
+        jitter = max_requests // 10 if max_requests else 0
     settings = Settings(store_url=args.store, broker_url=args.broker,
                         flush_interval=args.flush_interval,
                         reconcile_every=args.reconcile_every,
-                        outbox_retention=args.outbox_retention)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on",
-                            log_level=args.log_level, timeout_graceful_shutdown=10,
-                            **server_options(settings))
-    install_redaction()  # after Config (it sets up uvicorn's handlers): no token in any log
-    Server(config, app, tune_gc=True).run()
-    return 0
+                        outbox_retention=args.outbox_retention,
+                        soft_memory_bytes=marks.soft, hard_memory_bytes=marks.hard,
+                        memory_limit_bytes=marks.limit.bytes,
+                        max_streams=args.max_streams or None,
+                        max_streams_per_token=args.max_streams_per_token,
+                        drain_timeout=args.drain_timeout)
+    spec = WorkerSpec(settings, host=args.host, port=args.port, log_level=args.log_level,
+                      max_requests=max_requests, max_requests_jitter=jitter)
+    if workers is None:
+        return run_single(spec)
+    return run_supervisor(spec, workers)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    """Drive a server with requests and stream cycles; pass when its resources stay flat."""
+    from .soak import SoakOptions, run_soak_command
+
+    return run_soak_command(SoakOptions(
+        url=args.url, admin_token=args.admin_token, requests=args.requests,
+        cycles=args.cycles, concurrency=args.concurrency, warmup=args.warmup,
+        settle=args.settle, rss_tolerance=args.rss_tolerance,
+        fd_tolerance=args.fd_tolerance, out=args.out,
+        store=args.store, sample_every=args.sample_every,
+        progress=not args.no_progress))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -78,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--dry-run", action="store_true", help="report drift, repair nothing")
     reconcile.set_defaults(func=_reconcile)
 
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the store's schema (idempotent)",
+        description="Apply the schema migrations the store lacks, in one transaction, under "
+                    "a lock, so running it twice or from several hosts at once is safe. "
+                    "Every start does the same; run it first to upgrade ahead of a deploy.")
+    migrate.add_argument("--store", default=DEFAULT_STORE, help="store URL (default: %(default)s)")
+    migrate.set_defaults(func=_migrate)
+
     serve = commands.add_parser(
         "serve", help="serve the HTTP API and the live count streams",
         description="Serve the JSON API, the WebSocket/SSE count streams and the operations "
@@ -104,6 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn log level (default: %(default)s)")
+    serve.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="run N worker processes on the port under a supervisor that "
+                            "replaces a worker that dies, recycles one past the hard memory "
+                            "watermark or --max-requests (its replacement started first, "
+                            "then it drains: stream clients are told to reconnect), rolls "
+                            "every worker on SIGHUP and drains all on SIGTERM. N > 1 needs "
+                            "a shared --broker (redis://): with memory:// each process would "
+                            "count on its own, so it refuses to start. Default: one process, "
+                            "no supervisor (past the hard watermark it drains and exits with "
+                            "status 75 for the process manager to restart it)")
+    serve.add_argument("--soft-memory", default=None, metavar="SIZE",
+                       help="resident memory above which /readyz answers 503: bytes "
+                            "(800MiB, 1.5G) or a percentage of this worker's share of the "
+                            "memory limit (cgroup v2/v1 limit, else host memory, divided by "
+                            "the workers); env LIVECOUNT_SOFT_MEMORY (default: 70%%)")
+    serve.add_argument("--hard-memory", default=None, metavar="SIZE",
+                       help="resident memory above which the worker is recycled; same forms; "
+                            "env LIVECOUNT_HARD_MEMORY (default: 85%%)")
+    serve.add_argument("--max-requests", type=int,
+                       default=int(os.environ.get("LIVECOUNT_MAX_REQUESTS", "0") or 0),
+                       metavar="N",
+                       help="recycle a worker after N HTTP requests (plus jitter); 0 = never; "
+                            "env LIVECOUNT_MAX_REQUESTS (default: %(default)s)")
+    serve.add_argument("--max-requests-jitter", type=int, default=None, metavar="N",
+                       help="add a random 0..N to --max-requests per worker, so workers do "
+                            "not recycle together (default: a tenth of --max-requests)")
+    serve.add_argument("--max-streams", type=int, default=0, metavar="N",
+                       help="stream connections one process admits; past it 503 with "
+                            "Retry-After, and /readyz turns false from 90%% of it (default: "
+                            "the open-file limit less 10%%)")
+    serve.add_argument("--max-streams-per-token", type=int, default=100, metavar="N",
+                       help="stream connections one token may hold in one process; past it "
+                            "429 with Retry-After; 0 = no cap (default: %(default)s)")
+    serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="on shutdown or recycle, how long to wait for stream clients to "
+                            "take their reconnect message and go (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
     demo = commands.add_parser(
@@ -128,7 +215,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true",
                       help="keep the temporary database directory at exit")
     demo.set_defaults(func=_demo)
+
+    soak = commands.add_parser(
+        "soak", help="load a server for a while and check its threads, tasks, fds and "
+                     "memory come back flat",
+        description="Drive a livecount server with a mix of API requests and stream "
+                    "connect/disconnect cycles, sample the threads, asyncio tasks, open fds and "
+                    "resident memory of its processes (from /metrics), and pass when threads and "
+                    "tasks return to their warm values, fds within --fd-tolerance and memory "
+                    "within --rss-tolerance of warm. Writes a PNG chart and a JSON of the series."
+                    " Without --url it starts `livecount serve` on a fresh SQLite store itself. "
+                    "Exit status 1 when it fails. DESIGN's full run is --requests 100000 --cycles"
+                    " 10000.")
+    soak.add_argument("--url", default=None,
+                      help="a running server (default: start one on a temporary store)")
+    soak.add_argument("--admin-token", default=os.environ.get("LIVECOUNT_ADMIN_TOKEN"),
+                      help="the server's admin token, to create the soak's workspace "
+                           "(default: LIVECOUNT_ADMIN_TOKEN; not needed without --url)")
+    soak.add_argument("--requests", type=int, default=10_000,
+                      help="API requests to send (default: %(default)s)")
+    soak.add_argument("--cycles", type=int, default=1_000,
+                      help="stream connect/snapshot/disconnect cycles (default: %(default)s)")
+    soak.add_argument("--concurrency", type=int, default=8,
+                      help="requests and cycles in flight at once (default: %(default)s)")
+    soak.add_argument("--warmup", type=float, default=0.1,
+                      help="share of the load run first to warm the server up; its figures "
+                           "after it are the warm values (default: %(default)s)")
+    soak.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
+                      help="how long the figures may take to come back after the load "
+                           "(default: %(default)s)")
+    soak.add_argument("--rss-tolerance", type=float, default=0.05,
+                      help="allowed resident memory growth over warm (default: %(default)s)")
+    soak.add_argument("--fd-tolerance", type=int, default=8,
+                      help="open fds may end this many above warm (connection pools open "
+                           "lazily up to their size; a leak grows past it) (default: "
+                           "%(default)s)")
+    soak.add_argument("--sample-every", type=float, default=0.5, metavar="SECONDS",
+                      help="sampling period (default: %(default)s)")
+    soak.add_argument("--out", default="soak",
+                      help="write OUT.json and OUT.png (default: %(default)s)")
+    soak.add_argument("--store", default=None,
+                      help="store URL of the server it starts (default: a temporary SQLite "
+                           "file)")
+    soak.add_argument("--no-progress", action="store_true", help="no progress display")
+    soak.set_defaults(func=_soak)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,8 +47,19 @@ class Settings:
     #: seconds an applied outbox entry is kept before it is pruned; None: kept forever
     outbox_retention: float | None = 24 * 3600.0
     max_body_bytes: int = 1 << 20
+    #: resident memory past which /readyz answers 503 (see livecount.memory)
     soft_memory_bytes: int = 1 << 30
+    #: resident memory past which the process is recycled (drain, exit, replaced)
     hard_memory_bytes: int = 2 << 30
+    #: the memory limit the watermarks derive from, for /metrics (None: detected)
+    memory_limit_bytes: int | None = None
+    #: stream connections this process admits at once, past it 503 (None: below the fd
+    #: limit, see livecount.server.admission.default_max_streams)
+    max_streams: int | None = None
+    #: stream connections one token may hold open in this process, past it 429 (0: no cap)
+    max_streams_per_token: int = 100
+    #: seconds a drain waits for stream clients to take their reconnect message and go
+    drain_timeout: float = 10.0
 
 
 async def wait_for_position(state: CounterState, store: Store, workspace_id: int,

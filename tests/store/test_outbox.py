@@ -1,13 +1,12 @@
 """The outbox: one row per write in the write's own transaction, in commit order, and snapshots
-that agree with it."""
+that agree with it; on every backend. (PostgreSQL's commit order across processes and its
+notifications are tested in test_postgres.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,21 +22,20 @@ from livecount.exceptions import (
 )
 from livecount.store.base import OutboxEntry, View
 from livecount.store.seed import FOLDERS
-from livecount.store.sqlite import SQLiteStore
-from livecount.store.sqlstore import MAX_OUTBOX_BATCH
+from livecount.store.sqlstore import MAX_OUTBOX_BATCH, SQLStore
 
-from .conftest import World, dump, make_tenant
+from .conftest import World, dump, make_tenant, other_connection
 
 pytestmark = pytest.mark.anyio
 
 OPEN = {"field": "state", "operator": "=", "value": "open"}
 
 
-async def entries_since(store: SQLiteStore, position: int) -> list[OutboxEntry]:
+async def entries_since(store: SQLStore, position: int) -> list[OutboxEntry]:
     return await store.read_outbox(position, MAX_OUTBOX_BATCH)
 
 
-async def test_a_new_workspace_logs_its_folders(store: SQLiteStore) -> None:
+async def test_a_new_workspace_logs_its_folders(store: SQLStore) -> None:
     t0 = now_us()
     workspace = await store.create_workspace("w")
     entries = await entries_since(store, 0)
@@ -56,7 +54,7 @@ async def test_a_new_workspace_logs_its_folders(store: SQLiteStore) -> None:
     assert await store.outbox_position() == len(FOLDERS)
 
 
-async def test_each_conversation_write_logs_one_entry(store: SQLiteStore, world: World) -> None:
+async def test_each_conversation_write_logs_one_entry(store: SQLStore, world: World) -> None:
     start = await store.outbox_position()
     t0 = now_us()
     created = await store.create_conversation(
@@ -89,7 +87,7 @@ async def test_each_conversation_write_logs_one_entry(store: SQLiteStore, world:
     assert await store.outbox_position() == start + 2
 
 
-async def test_each_view_write_logs_one_entry(store: SQLiteStore, world: World) -> None:
+async def test_each_view_write_logs_one_entry(store: SQLStore, world: World) -> None:
     start = await store.outbox_position()
     view = await store.create_view(world.home.id, "v", OPEN, None, None)
     updated = await store.update_view(world.home.id, view.id, "w", OPEN, "team_id", 3)
@@ -107,7 +105,7 @@ async def test_each_view_write_logs_one_entry(store: SQLiteStore, world: World) 
 
 
 async def test_people_teams_and_settings_do_not_touch_the_outbox(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     start = await store.outbox_position()
     await store.create_teammate(world.home.id, "c", "c@h")
@@ -116,7 +114,7 @@ async def test_people_teams_and_settings_do_not_touch_the_outbox(
     assert await store.outbox_position() == start
 
 
-async def test_read_outbox_pages(store: SQLiteStore, world: World) -> None:
+async def test_read_outbox_pages(store: SQLStore, world: World) -> None:
     for _ in range(5):
         await store.create_conversation(world.home.id, {}, None)
     everything = await entries_since(store, 0)
@@ -145,7 +143,7 @@ async def test_read_outbox_pages(store: SQLiteStore, world: World) -> None:
 # -- failed writes -------------------------------------------------------------------------------
 
 
-async def failing_writes(store: SQLiteStore, world: World) -> list[tuple[str, Any]]:
+async def failing_writes(store: SQLStore, world: World) -> list[tuple[str, Any]]:
     """(label, coroutine factory) for writes that must fail without a trace."""
     home, away = world.home, world.away
     conversation = await store.create_conversation(home.id, {}, None)
@@ -201,7 +199,7 @@ async def failing_writes(store: SQLiteStore, world: World) -> list[tuple[str, An
     ]
 
 
-async def test_failed_writes_leave_no_trace(store: SQLiteStore, world: World) -> None:
+async def test_failed_writes_leave_no_trace(store: SQLStore, world: World) -> None:
     calls: list[str] = []
     store.on_commit(lambda: calls.append("commit"))
     for label, write in await failing_writes(store, world):
@@ -214,7 +212,7 @@ async def test_failed_writes_leave_no_trace(store: SQLiteStore, world: World) ->
 
 
 async def test_a_write_that_breaks_midway_is_rolled_back(
-    store: SQLiteStore, world: World, monkeypatch: pytest.MonkeyPatch
+    store: SQLStore, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The conversation row is written before its outbox row: if the latter fails, neither
     stays."""
@@ -240,7 +238,7 @@ async def test_a_write_that_breaks_midway_is_rolled_back(
 
 
 async def test_positions_follow_commit_order_under_concurrent_writers(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     tenants = [world.home, world.away]
     start = await store.outbox_position()
@@ -282,16 +280,15 @@ async def test_positions_follow_commit_order_under_concurrent_writers(
         assert logged[kind, result.id, result.version] == result
 
 
-async def test_on_commit(store: SQLiteStore, world: World, tmp_path: Path) -> None:
+async def test_on_commit(store: SQLStore, world: World, db_url: str) -> None:
     seen: list[tuple[str, int]] = []
 
     def callback() -> None:
         # runs after the commit: a separate connection already sees the new outbox row
-        conn = sqlite3.connect(tmp_path / "store.db")
-        try:
-            (rows,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        finally:
-            conn.close()
+        with other_connection(db_url) as conn:
+            cursor = conn.cursor()
+            cursor.execute("SELECT COUNT(*) FROM outbox")
+            (rows,) = cursor.fetchone()
         seen.append((threading.current_thread().name, rows))
 
     def broken() -> None:
@@ -317,7 +314,7 @@ async def test_on_commit(store: SQLiteStore, world: World, tmp_path: Path) -> No
     unsubscribe_broken()
 
 
-async def test_on_commit_wakes_an_event_loop(store: SQLiteStore, world: World) -> None:
+async def test_on_commit_wakes_an_event_loop(store: SQLStore, world: World) -> None:
     """The relay's pattern: hop back to the loop with call_soon_threadsafe."""
     loop = asyncio.get_running_loop()
     woken = asyncio.Event()
@@ -359,7 +356,7 @@ def check_snapshot_against_log(
 
 
 async def test_snapshots_agree_with_the_log_while_a_writer_runs(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     home = world.home.id
     seeds = [await store.create_conversation(home, {}, None) for _ in range(10)]
@@ -398,7 +395,7 @@ async def test_snapshots_agree_with_the_log_while_a_writer_runs(
         check_snapshot_against_log(snap.position, snap.conversations, snap.views, entries, home)
 
 
-async def test_snapshot_is_per_workspace(store: SQLiteStore, world: World) -> None:
+async def test_snapshot_is_per_workspace(store: SQLStore, world: World) -> None:
     mine = await store.create_conversation(world.home.id, {}, None)
     await store.create_conversation(world.away.id, {}, None)
     snap = await store.snapshot(world.home.id)
@@ -474,7 +471,7 @@ def resolve(body: dict[str, Any], people: list[int], teams: list[int]) -> dict[s
 )
 @given(ops=operations)
 async def test_replaying_the_log_reproduces_the_snapshot(
-    store: SQLiteStore, ops: list[Any]
+    store: SQLStore, ops: list[Any]
 ) -> None:
     # a fresh pair of workspaces per example: the store itself is shared by all examples
     home = await make_tenant(store, "home")

@@ -3,7 +3,7 @@
 Pruning deletes applied entries older than a cutoff, in chunks, never the newest one, so
 positions never go backwards or get reused; disk use stays flat under a constant write rate.
 A row that cannot be decoded comes back from ``read_outbox`` as an entry with ``error`` set
-instead of failing the whole batch.
+instead of failing the whole batch. On every backend, except what is about SQLite's file.
 """
 
 from __future__ import annotations
@@ -19,32 +19,33 @@ from sqlalchemy.engine import Connection
 
 from livecount.domain import Image, now_us
 from livecount.exceptions import ValidationError
+from livecount.store import open_store
 from livecount.store.base import OutboxEntry
 from livecount.store.schema import outbox
 from livecount.store.sqlite import SQLiteStore
-from livecount.store.sqlstore import MAX_OUTBOX_BATCH, MAX_POISON_ERROR, PRUNE_CHUNK
+from livecount.store.sqlstore import MAX_OUTBOX_BATCH, MAX_POISON_ERROR, PRUNE_CHUNK, SQLStore
 
-from .conftest import World
+from .conftest import World, sqlite_only
 
 pytestmark = pytest.mark.anyio
 
 FOREVER = 2**62  # an age cutoff every entry is older than
 
 
-async def entries_since(store: SQLiteStore, position: int) -> list[OutboxEntry]:
+async def entries_since(store: SQLStore, position: int) -> list[OutboxEntry]:
     return await store.read_outbox(position, MAX_OUTBOX_BATCH)
 
 
-async def positions(store: SQLiteStore) -> list[int]:
+async def positions(store: SQLStore) -> list[int]:
     return [entry.position for entry in await entries_since(store, 0)]
 
 
-async def touch(store: SQLiteStore, world: World, times: int) -> list[Image]:
+async def touch(store: SQLStore, world: World, times: int) -> list[Image]:
     """``times`` conversation writes in the home workspace; one outbox entry each."""
     return [await store.create_conversation(world.home.id, {}, None) for _ in range(times)]
 
 
-def db_path(store: SQLiteStore) -> Path:
+def db_path(store: SQLStore) -> Path:
     database = sa.make_url(store.url).database
     assert database
     return Path(database)
@@ -59,7 +60,7 @@ def disk_bytes(path: Path) -> int:
 # -- positions never go backwards --------------------------------------------------------------
 
 
-async def test_prune_keeps_positions_monotonic(store: SQLiteStore, world: World) -> None:
+async def test_prune_keeps_positions_monotonic(store: SQLStore, world: World) -> None:
     await touch(store, world, 5)
     before = await positions(store)
     newest = await store.outbox_position()
@@ -80,7 +81,7 @@ async def test_prune_keeps_positions_monotonic(store: SQLiteStore, world: World)
 
 
 async def test_positions_survive_a_prune_and_a_restart(db_url: str) -> None:
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     try:
         workspace = await store.create_workspace("w")
@@ -88,7 +89,7 @@ async def test_positions_survive_a_prune_and_a_restart(db_url: str) -> None:
         await store.prune_outbox(newest, FOREVER)
     finally:
         await store.close()
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     try:
         assert await store.outbox_position() == newest
@@ -98,6 +99,7 @@ async def test_positions_survive_a_prune_and_a_restart(db_url: str) -> None:
         await store.close()
 
 
+@sqlite_only
 async def test_an_outbox_without_autoincrement_never_reuses_positions(db_url: str) -> None:
     """A database file whose outbox predates AUTOINCREMENT (a plain INTEGER PRIMARY KEY, which
     SQLite hands out as MAX(id) + 1) keeps working: the newest row survives every prune."""
@@ -135,7 +137,7 @@ async def test_an_outbox_without_autoincrement_never_reuses_positions(db_url: st
 
 
 async def test_prune_respects_applied_and_the_age_cutoff(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     await touch(store, world, 10)
     old = await positions(store)
@@ -164,7 +166,7 @@ async def test_prune_respects_applied_and_the_age_cutoff(
     ]
 
 
-async def test_prune_of_an_empty_outbox_and_bad_arguments(store: SQLiteStore) -> None:
+async def test_prune_of_an_empty_outbox_and_bad_arguments(store: SQLStore) -> None:
     assert await store.prune_outbox(10, FOREVER) == 0
     assert await store.outbox_position() == 0
     assert await store.outbox_floor() == 0
@@ -181,7 +183,7 @@ async def test_prune_of_an_empty_outbox_and_bad_arguments(store: SQLiteStore) ->
 
 
 async def test_a_big_prune_goes_in_chunks_and_lets_writes_through(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     total = 5 * PRUNE_CHUNK + 1
 
@@ -220,7 +222,7 @@ async def test_a_big_prune_goes_in_chunks_and_lets_writes_through(
     assert await store.outbox_floor() == total - 1
 
 
-async def test_outbox_floor_reports_pruned_ranges(store: SQLiteStore, world: World) -> None:
+async def test_outbox_floor_reports_pruned_ranges(store: SQLStore, world: World) -> None:
     assert await store.outbox_floor() == 0  # nothing pruned yet
     await touch(store, world, 5)
     everything = await positions(store)
@@ -296,7 +298,7 @@ async def test_disk_stays_flat_under_a_constant_write_rate(
 
 
 async def test_undecodable_rows_come_back_as_poison_entries_in_order(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     start = await store.outbox_position()
     created = await touch(store, world, 6)
@@ -348,7 +350,7 @@ async def test_undecodable_rows_come_back_as_poison_entries_in_order(
     assert paged == read
 
 
-async def test_record_and_list_poison(store: SQLiteStore, world: World) -> None:
+async def test_record_and_list_poison(store: SQLStore, world: World) -> None:
     assert await store.list_poison() == []
     await store.record_poison(7, world.home.id, "after: bad JSON")
     await store.record_poison(3, world.away.id, "unknown kind 'x'")

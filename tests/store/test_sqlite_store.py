@@ -1,9 +1,10 @@
-"""The Store contract on SQLite: every method, every error, lifecycle and resource bounds."""
+"""The Store contract on every backend (SQLite and PostgreSQL): every method, every error,
+lifecycle and resource bounds. The few tests about one backend's files or connections say so
+(``sqlite_only``); PostgreSQL's own are in test_postgres.py."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,12 +28,13 @@ from livecount.exceptions import (
 from livecount.filters.parse import parse_filter
 from livecount.store import Store, open_store, sqlstore
 from livecount.store.base import View
+from livecount.store.postgres import PostgresStore
 from livecount.store.schema import teammates
 from livecount.store.seed import FOLDERS
 from livecount.store.sqlite import SQLiteStore
-from livecount.store.sqlstore import MAX_VIEWS, hash_token
+from livecount.store.sqlstore import MAX_VIEWS, SQLStore, hash_token
 
-from .conftest import World, dump
+from .conftest import World, dump, other_connection, sqlite_only
 
 pytestmark = pytest.mark.anyio
 
@@ -52,7 +54,7 @@ def store_threads() -> list[str]:
 
 async def test_threads_after_close_equal_threads_before_open(db_url: str) -> None:
     before = threading.active_count()
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     workspace = await store.create_workspace("w")
     # enough concurrent reads to start both readers
@@ -65,7 +67,7 @@ async def test_threads_after_close_equal_threads_before_open(db_url: str) -> Non
     assert store_threads() == []
 
 
-async def test_threads_stay_bounded_under_load(store: SQLiteStore, world: World) -> None:
+async def test_threads_stay_bounded_under_load(store: SQLStore, world: World) -> None:
     seen: set[str] = set()
 
     async def work(i: int) -> None:
@@ -80,7 +82,7 @@ async def test_threads_stay_bounded_under_load(store: SQLiteStore, world: World)
     assert len(store_threads()) <= 3
 
 
-async def test_calls_waiting_for_the_store_are_bounded(store: SQLiteStore, world: World,
+async def test_calls_waiting_for_the_store_are_bounded(store: SQLStore, world: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the bound a call is refused at once (503) rather than queued without end; the
     calls already queued still complete, and nothing was half-written."""
@@ -97,7 +99,7 @@ async def test_calls_waiting_for_the_store_are_bounded(store: SQLiteStore, world
 
 
 async def test_every_method_refuses_before_open_and_after_close(db_url: str) -> None:
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     calls: list[Callable[[], Awaitable[Any]]] = [
         lambda: store.create_workspace("w"),
         lambda: store.get_workspace(1),
@@ -133,7 +135,7 @@ async def test_every_method_refuses_before_open_and_after_close(db_url: str) -> 
 
 
 async def test_open_twice_is_refused_and_close_is_idempotent(db_url: str) -> None:
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.close()  # never opened: nothing to do
     await store.open()
     with pytest.raises(StoreError, match="already open"):
@@ -143,7 +145,7 @@ async def test_open_twice_is_refused_and_close_is_idempotent(db_url: str) -> Non
 
 
 async def test_reopen_keeps_the_data(db_url: str) -> None:
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     workspace = await store.create_workspace("kept")
     await store.close()
@@ -156,7 +158,7 @@ async def test_reopen_keeps_the_data(db_url: str) -> None:
 
 
 async def test_close_waits_for_calls_in_flight(db_url: str) -> None:
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     workspace = await store.create_workspace("w")
     writes = [
@@ -184,7 +186,8 @@ async def test_a_failed_open_leaves_no_thread_behind(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_connections_are_configured(store: SQLiteStore) -> None:
+@sqlite_only
+async def test_connections_are_configured(store: SQLStore) -> None:
     def pragmas(conn: Connection) -> tuple[Any, ...]:
         return tuple(
             conn.exec_driver_sql(f"PRAGMA {name}").scalar()
@@ -196,7 +199,7 @@ async def test_connections_are_configured(store: SQLiteStore) -> None:
     assert await store._write(pragmas) == expected
 
 
-async def test_a_read_is_one_snapshot(store: SQLiteStore, world: World) -> None:
+async def test_a_read_is_one_snapshot(store: SQLStore, world: World) -> None:
     """pysqlite alone does not BEGIN before a SELECT; the store's reads must see one snapshot
     even when a write commits between two of their statements."""
     loop = asyncio.get_running_loop()
@@ -234,8 +237,13 @@ def test_open_store_chooses_the_backend_by_scheme(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'a.db'}")
     assert isinstance(store, SQLiteStore)
     assert store.url == f"sqlite:///{tmp_path / 'a.db'}"
-    with pytest.raises(ValidationError, match="PostgreSQL store is not available yet"):
-        open_store("postgresql://postgres@127.0.0.1/test")
+    for url in ("postgresql://postgres@127.0.0.1/test", "postgres://u:p@db:5433/lc",
+                "postgresql+psycopg://postgres@127.0.0.1/test?sslmode=disable"):
+        chosen = open_store(url)
+        assert isinstance(chosen, PostgresStore) and chosen.url == url
+    for url in ("postgresql+psycopg2://x@y/z", "postgresql://x@y", "postgresql://x@y/"):
+        with pytest.raises(ValidationError, match="postgresql://user@host:5432/database"):
+            open_store(url)
     for url in ("mysql://x/y", "nonsense", ""):
         with pytest.raises(ValidationError, match="unsupported store URL"):
             open_store(url)
@@ -248,7 +256,7 @@ def test_sqlite_store_satisfies_the_protocol(tmp_path: Path) -> None:
     assert store.url.startswith("sqlite:///")
 
 
-async def test_database_errors_become_store_errors(store: SQLiteStore) -> None:
+async def test_database_errors_become_store_errors(store: SQLStore) -> None:
     def broken(conn: Connection) -> None:
         conn.exec_driver_sql("SELECT * FROM no_such_table")
 
@@ -259,7 +267,7 @@ async def test_database_errors_become_store_errors(store: SQLiteStore) -> None:
 # -- workspaces ----------------------------------------------------------------------------------
 
 
-async def test_create_workspace_seeds_the_folders(store: SQLiteStore) -> None:
+async def test_create_workspace_seeds_the_folders(store: SQLStore) -> None:
     workspace = await store.create_workspace("Acme")
     assert workspace.name == "Acme"
     folders = await store.list_views(workspace.id)
@@ -283,7 +291,7 @@ async def test_create_workspace_seeds_the_folders(store: SQLiteStore) -> None:
     assert folders[4].filter == OPEN
 
 
-async def test_workspaces_get_and_list(store: SQLiteStore) -> None:
+async def test_workspaces_get_and_list(store: SQLStore) -> None:
     a = await store.create_workspace("a")
     b = await store.create_workspace("b")
     assert await store.list_workspaces() == [a, b]
@@ -303,7 +311,7 @@ async def test_workspaces_get_and_list(store: SQLiteStore) -> None:
         ("a\x00b", "name: strings must not contain NUL"),
     ],
 )
-async def test_workspace_names_are_validated(store: SQLiteStore, name: Any, message: str) -> None:
+async def test_workspace_names_are_validated(store: SQLStore, name: Any, message: str) -> None:
     with pytest.raises(ValidationError) as info:
         await store.create_workspace(name)
     assert str(info.value).startswith(message)
@@ -312,14 +320,14 @@ async def test_workspace_names_are_validated(store: SQLiteStore, name: Any, mess
     assert await store.outbox_position() == 0
 
 
-async def test_a_200_character_name_is_fine(store: SQLiteStore) -> None:
+async def test_a_200_character_name_is_fine(store: SQLStore) -> None:
     assert (await store.create_workspace("x" * 200)).name == "x" * 200
 
 
 # -- teammates, teams, settings ------------------------------------------------------------------
 
 
-async def test_teammates_and_tokens(store: SQLiteStore, world: World) -> None:
+async def test_teammates_and_tokens(store: SQLStore, world: World) -> None:
     teammate, token = await store.create_teammate(world.home.id, "Cleo", "cleo@home.test")
     assert teammate.name == "Cleo" and teammate.email == "cleo@home.test"
     assert teammate.workspace_id == world.home.id
@@ -339,19 +347,19 @@ async def test_teammates_and_tokens(store: SQLiteStore, world: World) -> None:
     assert (teammate.id, world.home.id, "Cleo", "cleo@home.test", hash_token(token)) in rows
 
 
-async def test_tokens_differ(store: SQLiteStore, world: World) -> None:
+async def test_tokens_differ(store: SQLStore, world: World) -> None:
     tokens = {(await store.create_teammate(world.home.id, "x", f"x{i}@h"))[1] for i in range(5)}
     assert len(tokens) == 5
 
 
-async def test_list_teammates_is_per_workspace(store: SQLiteStore, world: World) -> None:
+async def test_list_teammates_is_per_workspace(store: SQLStore, world: World) -> None:
     assert await store.list_teammates(world.home.id) == world.home.people
     assert await store.list_teammates(world.away.id) == world.away.people
     with pytest.raises(NotFound):
         await store.list_teammates(999)
 
 
-async def test_duplicate_email_is_a_conflict(store: SQLiteStore, world: World) -> None:
+async def test_duplicate_email_is_a_conflict(store: SQLStore, world: World) -> None:
     before = await dump(store)
     with pytest.raises(Conflict):
         await store.create_teammate(world.home.id, "Ann again", "ann@home.test")
@@ -374,18 +382,18 @@ async def test_duplicate_email_is_a_conflict(store: SQLiteStore, world: World) -
     ],
 )
 async def test_teammate_fields_are_validated(
-    store: SQLiteStore, world: World, name: Any, email: Any, message: str
+    store: SQLStore, world: World, name: Any, email: Any, message: str
 ) -> None:
     with pytest.raises(ValidationError, match=f"^{message}"):
         await store.create_teammate(world.home.id, name, email)
 
 
-async def test_teammate_in_a_missing_workspace(store: SQLiteStore) -> None:
+async def test_teammate_in_a_missing_workspace(store: SQLStore) -> None:
     with pytest.raises(NotFound, match="workspace 42 not found"):
         await store.create_teammate(42, "a", "a@b")
 
 
-async def test_teams(store: SQLiteStore, world: World) -> None:
+async def test_teams(store: SQLStore, world: World) -> None:
     ann, bob = world.home.people
     team = await store.create_team(world.home.id, "billing", [bob.id, ann.id, bob.id])
     assert team.member_ids == sorted([ann.id, bob.id])
@@ -396,7 +404,7 @@ async def test_teams(store: SQLiteStore, world: World) -> None:
         await store.list_teams(12345)
 
 
-async def test_team_members_must_belong_to_the_workspace(store: SQLiteStore, world: World) -> None:
+async def test_team_members_must_belong_to_the_workspace(store: SQLStore, world: World) -> None:
     before = await dump(store)
     stranger = world.away.people[0].id
     with pytest.raises(
@@ -414,7 +422,7 @@ async def test_team_members_must_belong_to_the_workspace(store: SQLiteStore, wor
     assert await dump(store) == before
 
 
-async def test_settings(store: SQLiteStore) -> None:
+async def test_settings(store: SQLStore) -> None:
     assert await store.get_setting("admin") is None
     assert await store.set_setting_if_absent("admin", "one") == "one"
     assert await store.set_setting_if_absent("admin", "two") == "one"
@@ -425,7 +433,7 @@ async def test_settings(store: SQLiteStore) -> None:
         await store.set_setting_if_absent("k", 5)  # type: ignore[arg-type]
 
 
-async def test_set_setting_if_absent_is_race_safe(store: SQLiteStore) -> None:
+async def test_set_setting_if_absent_is_race_safe(store: SQLStore) -> None:
     results = await asyncio.gather(
         *(store.set_setting_if_absent("race", f"v{i}") for i in range(20))
     )
@@ -436,7 +444,7 @@ async def test_set_setting_if_absent_is_race_safe(store: SQLiteStore) -> None:
 # -- conversations -------------------------------------------------------------------------------
 
 
-async def test_create_conversation_defaults(store: SQLiteStore, world: World) -> None:
+async def test_create_conversation_defaults(store: SQLStore, world: World) -> None:
     ann = world.home.people[0]
     t0 = now_us()
     image = await store.create_conversation(world.home.id, {}, ann.id)
@@ -456,7 +464,7 @@ async def test_create_conversation_defaults(store: SQLiteStore, world: World) ->
     assert await store.get_conversation(world.home.id, image.id) == image
 
 
-async def test_create_conversation_with_every_field(store: SQLiteStore, world: World) -> None:
+async def test_create_conversation_with_every_field(store: SQLStore, world: World) -> None:
     ann, bob = world.home.people
     body = {
         "state": "snoozed",
@@ -478,7 +486,7 @@ async def test_create_conversation_with_every_field(store: SQLiteStore, world: W
     assert image.author_id is None
 
 
-async def test_ids_are_distinct_across_workspaces(store: SQLiteStore, world: World) -> None:
+async def test_ids_are_distinct_across_workspaces(store: SQLStore, world: World) -> None:
     a = await store.create_conversation(world.home.id, {}, None)
     b = await store.create_conversation(world.away.id, {}, None)
     c = await store.create_conversation(world.home.id, {}, None)
@@ -496,7 +504,7 @@ async def test_ids_are_distinct_across_workspaces(store: SQLiteStore, world: Wor
     ],
 )
 async def test_conversations_name_only_their_own_workspace(
-    store: SQLiteStore, world: World, field: str, who: str
+    store: SQLStore, world: World, field: str, who: str
 ) -> None:
     foreign = world.away.team.id if who == "team" else world.away.people[1].id
     value = [world.home.people[0].id, foreign] if field in ("mentions", "unread_by") else foreign
@@ -517,7 +525,7 @@ async def test_conversations_name_only_their_own_workspace(
     assert await dump(store) == before
 
 
-async def test_unknown_ids_are_never_found(store: SQLiteStore, world: World) -> None:
+async def test_unknown_ids_are_never_found(store: SQLStore, world: World) -> None:
     theirs = await store.create_conversation(world.away.id, {}, None)
     nobody = theirs.id + 1000
     # another tenant's id reads exactly like an id that does not exist
@@ -541,7 +549,7 @@ async def test_unknown_ids_are_never_found(store: SQLiteStore, world: World) -> 
     assert await store.get_conversation(world.away.id, theirs.id) == theirs
 
 
-async def test_update_conversation(store: SQLiteStore, world: World) -> None:
+async def test_update_conversation(store: SQLStore, world: World) -> None:
     ann, bob = world.home.people
     image = await store.create_conversation(
         world.home.id, {"tags": ["a"], "custom": {"x": 1, "y": "keep"}}, None
@@ -579,7 +587,7 @@ async def test_update_conversation(store: SQLiteStore, world: World) -> None:
     assert await store.get_conversation(world.home.id, image.id) == cleared
 
 
-async def test_if_match(store: SQLiteStore, world: World) -> None:
+async def test_if_match(store: SQLStore, world: World) -> None:
     image = await store.create_conversation(world.home.id, {}, None)
     await store.update_conversation(world.home.id, image.id, {"priority": True}, 1)
     before = await dump(store)
@@ -594,7 +602,7 @@ async def test_if_match(store: SQLiteStore, world: World) -> None:
 
 
 async def test_a_patch_that_changes_nothing_writes_nothing(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     image = await store.create_conversation(world.home.id, {"tags": ["a"]}, None)
     before = await dump(store)
@@ -623,7 +631,7 @@ async def test_a_patch_that_changes_nothing_writes_nothing(
         ([], "body: expected a JSON object"),
     ],
 )
-async def test_bad_patches(store: SQLiteStore, world: World, patch: Any, message: str) -> None:
+async def test_bad_patches(store: SQLStore, world: World, patch: Any, message: str) -> None:
     image = await store.create_conversation(world.home.id, {}, None)
     before = await dump(store)
     with pytest.raises(ValidationError) as info:
@@ -632,7 +640,7 @@ async def test_bad_patches(store: SQLiteStore, world: World, patch: Any, message
     assert await dump(store) == before
 
 
-async def test_bad_create_bodies(store: SQLiteStore, world: World) -> None:
+async def test_bad_create_bodies(store: SQLStore, world: World) -> None:
     before = await dump(store)
     for body, message in (
         ({"tags": "vip"}, "tags: expected an array"),
@@ -647,7 +655,7 @@ async def test_bad_create_bodies(store: SQLiteStore, world: World) -> None:
 
 
 async def test_concurrent_patches_without_if_match_lose_nothing(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     image = await store.create_conversation(world.home.id, {}, None)
     await asyncio.gather(
@@ -661,7 +669,7 @@ async def test_concurrent_patches_without_if_match_lose_nothing(
     assert final.custom == {f"k{i}": i for i in range(30)}
 
 
-async def test_concurrent_if_match_lets_exactly_one_win(store: SQLiteStore, world: World) -> None:
+async def test_concurrent_if_match_lets_exactly_one_win(store: SQLStore, world: World) -> None:
     image = await store.create_conversation(world.home.id, {}, None)
     results = await asyncio.gather(
         *(
@@ -678,7 +686,7 @@ async def test_concurrent_if_match_lets_exactly_one_win(store: SQLiteStore, worl
 # -- views ---------------------------------------------------------------------------------------
 
 
-async def test_create_view(store: SQLiteStore, world: World) -> None:
+async def test_create_view(store: SQLStore, world: World) -> None:
     ann = world.home.people[0]
     view = await store.create_view(world.home.id, "VIP", VIP, "custom.plan", ann.id)
     assert (
@@ -696,7 +704,7 @@ async def test_create_view(store: SQLiteStore, world: World) -> None:
     assert (await store.list_views(world.home.id))[-2:] == [view, shared]
 
 
-async def test_a_view_keeps_its_own_copy_of_the_filter(store: SQLiteStore, world: World) -> None:
+async def test_a_view_keeps_its_own_copy_of_the_filter(store: SQLStore, world: World) -> None:
     raw = {"field": "state", "operator": "=", "value": "open"}
     view = await store.create_view(world.home.id, "v", raw, None, None)
     raw["value"] = "closed"
@@ -751,7 +759,7 @@ async def test_a_view_keeps_its_own_copy_of_the_filter(store: SQLiteStore, world
     ],
 )
 async def test_bad_views(
-    store: SQLiteStore,
+    store: SQLStore,
     world: World,
     name: Any,
     filter: Any,
@@ -772,7 +780,7 @@ async def test_bad_views(
 
 
 async def test_deep_filter_limit_is_reported_with_its_path(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     deep: dict[str, Any] = OPEN
     for _ in range(8):
@@ -782,7 +790,7 @@ async def test_deep_filter_limit_is_reported_with_its_path(
 
 
 async def test_view_owner_must_be_a_teammate_of_the_workspace(
-    store: SQLiteStore, world: World
+    store: SQLStore, world: World
 ) -> None:
     stranger = world.away.people[0].id
     before = await dump(store)
@@ -795,7 +803,7 @@ async def test_view_owner_must_be_a_teammate_of_the_workspace(
     assert await dump(store) == before
 
 
-async def test_update_view(store: SQLiteStore, world: World) -> None:
+async def test_update_view(store: SQLStore, world: World) -> None:
     view = await store.create_view(world.home.id, "v", OPEN, None, world.home.people[0].id)
     updated = await store.update_view(world.home.id, view.id, "renamed", VIP, "team_id", None)
     assert (
@@ -819,7 +827,7 @@ async def test_update_view(store: SQLiteStore, world: World) -> None:
             await store.update_view(world.home.id, view.id, "v", OPEN, None, position)  # type: ignore[arg-type]
 
 
-async def test_views_of_another_workspace_are_not_found(store: SQLiteStore, world: World) -> None:
+async def test_views_of_another_workspace_are_not_found(store: SQLStore, world: World) -> None:
     theirs = (await store.list_views(world.away.id))[0]
     before = await dump(store)
     for view_id in (theirs.id, 10_000, 0, "1"):
@@ -835,7 +843,7 @@ async def test_views_of_another_workspace_are_not_found(store: SQLiteStore, worl
         await store.list_views(999)
 
 
-async def test_delete_view(store: SQLiteStore, world: World) -> None:
+async def test_delete_view(store: SQLStore, world: World) -> None:
     view = await store.create_view(world.home.id, "v", OPEN, None, None)
     await store.delete_view(world.home.id, view.id)
     with pytest.raises(NotFound):
@@ -845,7 +853,7 @@ async def test_delete_view(store: SQLiteStore, world: World) -> None:
     assert view.id not in [v.id for v in await store.list_views(world.home.id)]
 
 
-async def test_at_most_1000_views_per_workspace(store: SQLiteStore, world: World) -> None:
+async def test_at_most_1000_views_per_workspace(store: SQLStore, world: World) -> None:
     seeded = len(await store.list_views(world.home.id))
     made = await asyncio.gather(
         *(
@@ -873,7 +881,7 @@ def folder(views: list[View], name: str) -> View:
     return next(v for v in views if v.name == name)
 
 
-async def test_list_conversations_pages_through_a_view(store: SQLiteStore, world: World) -> None:
+async def test_list_conversations_pages_through_a_view(store: SQLStore, world: World) -> None:
     ann = world.home.people[0]
     made = [
         await store.create_conversation(world.home.id, {"assignee_id": ann.id}, None)
@@ -904,7 +912,7 @@ async def test_list_conversations_pages_through_a_view(store: SQLiteStore, world
     }
 
 
-async def test_list_conversations_rejects_a_bad_cursor(store: SQLiteStore, world: World) -> None:
+async def test_list_conversations_rejects_a_bad_cursor(store: SQLStore, world: World) -> None:
     everything = folder(await store.list_views(world.home.id), "All")
     with pytest.raises(ValidationError):
         await store.list_conversations(
@@ -912,7 +920,7 @@ async def test_list_conversations_rejects_a_bad_cursor(store: SQLiteStore, world
         )
 
 
-async def test_recount(store: SQLiteStore, world: World) -> None:
+async def test_recount(store: SQLStore, world: World) -> None:
     team = world.home.team.id
     for body in ({}, {"team_id": team}, {"team_id": team}, {"state": "closed"}):
         await store.create_conversation(world.home.id, body, None)
@@ -928,29 +936,27 @@ async def test_recount(store: SQLiteStore, world: World) -> None:
 # -- encoding round trip -------------------------------------------------------------------------
 
 
-async def test_views_and_images_survive_a_json_round_trip(store: SQLiteStore, world: World) -> None:
+async def test_views_and_images_survive_a_json_round_trip(store: SQLStore, world: World) -> None:
     view = await store.create_view(world.home.id, "v", VIP, None, None)
     assert msgspec.json.decode(msgspec.json.encode(view), type=View) == view
 
 
 async def test_a_second_connection_sees_committed_writes(
-    store: SQLiteStore, world: World, tmp_path: Path
+    store: SQLStore, world: World, db_url: str
 ) -> None:
     image = await store.create_conversation(world.home.id, {}, None)
-    conn = sqlite3.connect(tmp_path / "store.db")
-    try:
-        assert conn.execute(
-            "SELECT version FROM conversations WHERE id = ?", (image.id,)
-        ).fetchone() == (1,)
-    finally:
-        conn.close()
+    with other_connection(db_url) as conn:
+        cursor = conn.cursor()
+        cursor.execute(f"SELECT version FROM conversations WHERE id = {image.id}")
+        assert cursor.fetchone() == (1,)
 
 
 async def test_a_lost_race_is_retried_once_then_a_conflict(
-    store: SQLiteStore, world: World, monkeypatch: pytest.MonkeyPatch
+    store: SQLStore, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite's single writer never loses the version check; a backend with concurrent
-    writers can, and the store must then re-read and retry, or give up cleanly."""
+    """SQLite's single writer never loses the version check, nor does PostgreSQL's writer
+    (it locks the row first); were it lost anyway, the store must re-read and retry, or give
+    up cleanly."""
     from livecount.store import rows
 
     image = await store.create_conversation(world.home.id, {}, None)
@@ -975,7 +981,7 @@ async def test_a_lost_race_is_retried_once_then_a_conflict(
 
 async def test_a_cancelled_call_does_not_stop_close_from_joining(db_url: str) -> None:
     before = threading.active_count()
-    store = SQLiteStore(db_url)
+    store = open_store(db_url)
     await store.open()
     workspace = await store.create_workspace("w")
     calls = [asyncio.ensure_future(store.snapshot(workspace.id)) for _ in range(10)]

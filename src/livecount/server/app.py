@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 
 from ..service import Service, Settings
 from . import api, openapi, ops
+from .admission import Admission, AdmissionMiddleware
 from .body import BodyLimit
 from .errors import exception_handlers
 from .metrics import Metrics, MetricsMiddleware
@@ -88,6 +89,9 @@ class Server(uvicorn.Server):
             tune_gc()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # stop accepting first, so the clients told to reconnect go to another process
+        for server in getattr(self, "servers", ()):
+            server.close()
         await drain(self._livecount_app)
         await super().shutdown(sockets)
 
@@ -106,11 +110,13 @@ def tune_gc() -> None:
 
 def create_app(settings: Settings) -> Starlette:
     """The app for ``settings``; ``app.state`` holds its ``service``, ``gateway`` (None
-    without the stream module), ``metrics``, the ``draining`` flag and the count of
-    ``internal_errors`` (requests that reached the 500 handler: each one is a bug)."""
+    without the stream module), ``metrics``, stream ``admission`` control, the ``draining``
+    flag and the count of ``internal_errors`` (requests that reached the 500 handler: each
+    one is a bug)."""
     service = Service(settings)
     gateway = _gateway(service)
     metrics = Metrics()
+    admission = Admission(settings.max_streams, settings.max_streams_per_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,7 +140,8 @@ def create_app(settings: Settings) -> Starlette:
     routes += web
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics),
+        middleware=[Middleware(AdmissionMiddleware, admission=admission),
+                    Middleware(MetricsMiddleware, metrics=metrics),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=exception_handlers(),
         lifespan=lifespan,
@@ -143,6 +150,7 @@ def create_app(settings: Settings) -> Starlette:
     app.state.service = service
     app.state.gateway = gateway
     app.state.metrics = metrics
+    app.state.admission = admission
     app.state.draining = False
     app.state.internal_errors = 0
     return app

@@ -30,7 +30,8 @@ Drain (:meth:`Gateway.stop`): no new streams (503); every stream gets
 ``{"type":"reconnect","reason":"server shutting down","retry_ms":...}`` (the delay is
 jittered so clients do not all come back at once), then WebSocket close 1012 (service
 restart) or the end of the SSE response. ``stop()`` returns when every stream has ended (a
-client that does not read the reconnect message is cut after ``slow_client_timeout``).
+client that does not read the reconnect message is cut after ``slow_client_timeout`` by the
+watchdog, and whatever is left after ``drain_timeout`` is cut then).
 
 Heartbeats: SSE sends a ``: ping`` comment after ``heartbeat_interval`` without a message.
 WebSocket uses the server's protocol-level ping frames, which browsers answer by themselves
@@ -57,6 +58,7 @@ from ..exceptions import Forbidden, Unauthorized, Unavailable, ValidationError
 from ..service import Service, Settings, wait_for_position
 from .auth import bearer_token
 from .hub import Hub, Payload, Stream
+from .metrics import LagHistogram
 
 __all__ = ["CLOSE_DRAIN", "CLOSE_SLOW", "Gateway", "uvicorn_options"]
 
@@ -105,6 +107,8 @@ class Gateway:
         self.slow_clients = 0
         #: streams opened since start (a counter for metrics)
         self.opened = 0
+        #: seconds from a hub receiving a change to the send that carried it (see .hub)
+        self.delivery = LagHistogram()
         self._hubs: dict[int, Hub] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._count = 0
@@ -131,7 +135,7 @@ class Gateway:
             retry = RETRY_MS + random.randrange(RETRY_MS)
             stream.close(Payload({"type": "reconnect", "reason": "server shutting down",
                                   "retry_ms": retry}, retry=retry))
-        with anyio.move_on_after(self.settings.slow_client_timeout + 1.0):
+        with anyio.move_on_after(self.settings.drain_timeout):
             await self._idle.wait()
         if self._count:
             log.warning("cutting %d streams that did not take the reconnect message",
@@ -238,6 +242,7 @@ class Gateway:
         if hub is None:
             hub = self._hubs[workspace_id] = Hub(self.service, workspace_id,
                                                  self.settings.flush_interval)
+            hub.delivery = self.delivery
             hub.task = self._spawn(hub.run(), f"livecount-hub-{workspace_id}")
             hub.task.add_done_callback(functools.partial(self._hub_ended, hub))
         hub.streams.add(stream)

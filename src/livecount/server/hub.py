@@ -32,6 +32,7 @@ from ..bus.base import BusMessage, Overflow
 from ..service import Service
 from ..store.base import Counts, View
 from ..views import Rendered, render_counts, render_keys, view_to_wire, visible_views
+from .metrics import LagHistogram
 
 __all__ = ["CounterKey", "Hub", "Payload", "Stream"]
 
@@ -100,8 +101,8 @@ class Stream:
     app-level heartbeat).
     """
 
-    __slots__ = ("_hold", "_waiter", "ack", "closing", "hub", "new_views", "outcome", "pending",
-                 "ready", "ready_keys", "resync", "scope", "sending_since", "teammate",
+    __slots__ = ("_hold", "_waiter", "ack", "closing", "hub", "lag_since", "new_views", "outcome",
+                 "pending", "ready", "ready_keys", "resync", "scope", "sending_since", "teammate",
                  "views_dirty")
 
     #: seconds between app-level heartbeats when idle; None: the transport has its own
@@ -126,6 +127,9 @@ class Stream:
         #: monotonic time the current send started, 0.0 when not sending (the gateway's
         #: watchdog closes connections stuck in a send for ``slow_client_timeout``)
         self.sending_since = 0.0
+        #: monotonic time the hub received the oldest change offered and not sent yet (0.0:
+        #: none), for the stream delivery histogram
+        self.lag_since = 0.0
         self.scope: anyio.CancelScope | None = None
 
     # -- the transport ----------------------------------------------------------------------
@@ -282,8 +286,12 @@ class Stream:
                 if idle.cancelled_caught:
                     await self._timed(self.ping())
                 continue
+            since, self.lag_since = self.lag_since, 0.0
             for payload in payloads:
                 await self._timed(self.send(payload))
+            hub = self.hub
+            if since and hub is not None and hub.delivery is not None:
+                hub.delivery.observe(time.monotonic() - since)
             if self.closing is not None and payloads[-1] is self.closing:
                 self.outcome = self.outcome or "drained"
                 return
@@ -319,6 +327,10 @@ class Hub:
         self.task: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
         self.failed: BaseException | None = None
+        #: where delivery times go (the gateway's histogram), and the monotonic time the
+        #: oldest change not yet handed to the streams was received from the bus
+        self.delivery: LagHistogram | None = None
+        self._received = 0.0
         self._dirty: set[tuple[int, str | None, int | None]] = set()
         self._tick = asyncio.Event()
         self._advanced = asyncio.Event()  # set (and replaced) each time the seq moves
@@ -425,6 +437,8 @@ class Hub:
                     self.counts.pop(key, None)
                 self._dirty.add(key)
             self._advance(message.seq)
+            if not self._received:
+                self._received = time.monotonic()
             self._tick.set()
         if message.kind == "views" and message.views is not None:
             # also when the seq did not move: a view with no counts changes no counter
@@ -475,6 +489,7 @@ class Hub:
 
     def distribute(self) -> None:
         """Hand the counters changed since the last tick to the streams that see them."""
+        received, self._received = self._received, 0.0
         dirty = self._dirty
         if not dirty:
             return
@@ -498,6 +513,8 @@ class Hub:
                 share = shares[me] = _Share(self, me, keys)
             if share.keys:
                 stream.offer(share.keys, share)
+                if received and not stream.lag_since:
+                    stream.lag_since = received
 
     def shows(self, key: CounterKey, me: int | None) -> bool:
         """Whether ``me`` sees counter ``key`` of the current views (with the right shape:

@@ -38,8 +38,9 @@ __all__ = [
 def open_store(url: str) -> Store:
     """The store for ``url`` (not opened yet: ``await store.open()``).
 
-    ``sqlite:///path/to/file.db`` is the embedded store. Backends are imported here, late, so
-    ``import livecount.store`` stays cheap and free of import cycles.
+    ``sqlite:///path/to/file.db`` is the embedded store; ``postgresql://user@host/database``
+    (or ``postgres://``, ``postgresql+psycopg://``) the production one. Backends are imported
+    here, late, so ``import livecount.store`` stays cheap and free of import cycles.
     """
     scheme = url.split(":", 1)[0].lower() if isinstance(url, str) and ":" in url else ""
     backend = scheme.split("+", 1)[0]
@@ -48,6 +49,8 @@ def open_store(url: str) -> Store:
 
         return SQLiteStore(url)
     if backend in ("postgresql", "postgres"):
-        raise ValidationError("the PostgreSQL store is not available yet")
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValidationError("unsupported store URL; expected sqlite:///path/to/file.db (the "
-                          "embedded store; PostgreSQL is not available yet)")
+                          "embedded store) or postgresql://user@host:5432/database")

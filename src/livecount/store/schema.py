@@ -31,10 +31,12 @@ __all__ = [
     "metadata",
     "outbox",
     "outbox_poison",
+    "schema_version",
     "settings",
     "team_members",
     "teammates",
     "teams",
+    "versioning",
     "views",
     "workspaces",
 ]
@@ -165,4 +167,17 @@ settings = Table(
     "settings", metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
+)
+
+
+#: The schema's own bookkeeping, apart from :data:`metadata` (which describes the data and is
+#: what migration 1 creates): one row per migration applied, the newest version last. See
+#: :mod:`livecount.store.migrations`.
+versioning = MetaData()
+
+schema_version = Table(
+    "schema_version", versioning,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", Text, nullable=False),
+    Column("applied_at", BigInteger, nullable=False),  # µs since the epoch
 )

@@ -55,7 +55,6 @@ from .base import (
 )
 from .schema import (
     conversations,
-    metadata,
     outbox,
     outbox_poison,
     settings,
@@ -121,6 +120,9 @@ def hash_token(token: str) -> str:
 _SQLITE_TRANSIENT: Final = frozenset({5, 6, 7, 10, 13, 15})
 _SQLITE_BUSY_LOCKED: Final = frozenset({5, 6})
 _BUSY_MESSAGE: Final = "the database is busy (locked); retry shortly"
+#: PostgreSQL SQLSTATEs of lock contention: lock_timeout, deadlock (one side is rolled back),
+#: serialization failure.
+_POSTGRES_BUSY: Final = frozenset({"55P03", "40P01", "40001"})
 
 
 def transient_error(exc: sa.exc.SQLAlchemyError) -> Unavailable | None:
@@ -152,6 +154,8 @@ def transient_error(exc: sa.exc.SQLAlchemyError) -> Unavailable | None:
         if code & 0xFF in _SQLITE_TRANSIENT:
             return Unavailable(f"the database is unavailable ({text[:80]}); retry shortly")
         return None
+    if getattr(orig, "sqlstate", None) in _POSTGRES_BUSY:
+        return Unavailable(_BUSY_MESSAGE)
     return Unavailable("the database is unavailable (OperationalError); retry shortly")
 
 
@@ -266,7 +270,8 @@ class SQLStore:
     """A store over a synchronous SQLAlchemy :class:`~sqlalchemy.engine.Engine`.
 
     Subclasses say how to build the engine (:meth:`_create_engine`) and may override the
-    hooks a backend needs (:meth:`_next_conversation_id`, :attr:`read_isolation`).
+    hooks a backend needs (:meth:`_next_conversation_id`, :attr:`read_isolation`,
+    :meth:`_before_outbox_insert`, :meth:`_lock_migrations`).
     """
 
     #: Isolation for read transactions. None keeps the backend's default, which must already
@@ -287,6 +292,8 @@ class SQLStore:
         self._next_callback = 0
         self._appended = 0  # outbox rows in the current write; touched by the writer only
         self._appended_at = 0  # the position of the last of them
+        #: (schema version found, schema version now) by the last open(); None before.
+        self.schema_versions: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url!r}>"
@@ -297,7 +304,9 @@ class SQLStore:
         raise NotImplementedError
 
     async def open(self) -> None:
-        """Create the engine and both executors, then the schema (on the writer)."""
+        """Create the engine and the executors, then migrate the schema (on the writer; see
+        :mod:`~livecount.store.migrations`) and record ``(version before, after)`` in
+        :attr:`schema_versions`."""
         if self._engine is not None:
             raise StoreError("the store is already open")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-write")
@@ -305,7 +314,7 @@ class SQLStore:
         self._relay_reader = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-relay")
         try:
             self._engine = self._create_engine()
-            await self._call(self._writer, metadata.create_all, self._engine)
+            self.schema_versions = await self._call(self._writer, self._migrate, self._engine)
         except BaseException:
             await self._shutdown()
             raise
@@ -393,6 +402,21 @@ class SQLStore:
             self._notify()
         return result, self._appended_at
 
+    def _migrate(self, engine: Engine) -> tuple[int, int]:
+        """Bring the schema to the latest version in one write transaction (on the writer)."""
+        from . import migrations  # imported late: it imports the schema only
+
+        with engine.connect() as conn:
+            conn.execution_options(**{WRITE_OPTION: True})
+            with conn.begin():
+                self._lock_migrations(conn)
+                return migrations.migrate(conn)
+
+    def _lock_migrations(self, conn: Connection) -> None:
+        """Hook: serialize migrations across processes for the rest of ``conn``'s transaction.
+        Nothing by default: SQLite's write transactions begin with ``BEGIN IMMEDIATE``, which
+        already excludes every other writer."""
+
     def _run_read(self, engine: Engine, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         with engine.connect() as conn:
             if self.read_isolation is not None:
@@ -431,11 +455,22 @@ class SQLStore:
     def _append_outbox(self, conn: Connection, workspace_id: int,
                        kind: Literal["conversation", "view"], entity_id: int, version: int,
                        before: Image | View | None, after: Image | View | None) -> None:
+        self._before_outbox_insert(conn)
         result = conn.execute(outbox.insert().values(
             workspace_id=workspace_id, kind=kind, entity_id=entity_id, version=version,
             before=_encode(before), after=_encode(after), committed_at=now_us()))
         self._appended += 1
         self._appended_at = _inserted_id(result)
+
+    def _before_outbox_insert(self, conn: Connection) -> None:
+        """Hook, called in the write transaction right before each outbox row is inserted.
+
+        Nothing by default: on SQLite one write transaction at a time exists (the writer
+        thread, and ``BEGIN IMMEDIATE`` across processes), so positions are handed out in
+        commit order already. A backend with concurrent writers makes them so here (see
+        :class:`~livecount.store.postgres.PostgresStore`). Whatever it locks must come after
+        every row lock of the transaction, or writers in two processes can deadlock.
+        """
 
     def _next_conversation_id(self, conn: Connection) -> int:
         """The id of the next conversation: ``MAX(id) + 1``.
