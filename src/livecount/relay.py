@@ -513,7 +513,8 @@ class Relay:
                 self._send(BusMessage(workspace_id, update.epoch, update.seq, "reset", {}))
         elif update.changed:
             self._send(BusMessage(workspace_id, update.epoch, update.seq, "delta",
-                                  update.changed))
+                                  update.changed, committed_at=max(
+                                      (e.committed_at for e in plan.entries), default=0)))
         await self._publish(workspace_id)
 
     def _finish(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:

@@ -77,3 +77,27 @@ def test_lag_histogram_buckets() -> None:
     sums = {s.name: s.value for s in family.samples if not s.name.endswith("_bucket")}
     assert sums["x_seconds_count"] == 5
     assert sums["x_seconds_sum"] == pytest.approx(3.561)
+
+
+async def test_delivery_counts_from_the_commit(tmp_path: Path) -> None:
+    """A change the relay applies late is delivered late: the histogram starts at the
+    outbox commit (carried by the bus message), not when the gateway hears of it."""
+    async with stream_server(stream_settings(tmp_path)) as server, server.client() as http:
+        tenant = await create_tenant(http, server.admin_token)
+        ann = tenant.people[0]
+        async with StreamClient(server, "ws", tenant.id, ann.token) as ws:
+            await ws.wait_for(lambda m: m.seq >= 0)
+            before = samples((await http.get("/metrics")).text)
+            seq_before = ws.model.seq
+            async with server.service.relay.lock:  # the relay stalls for 0.5 s
+                response = await http.post(tenant.url("/conversations"), json={},
+                                           headers=ann.headers)
+                assert response.status_code == 201
+                await asyncio.sleep(0.5)
+            await ws.wait_for(lambda m: m.seq > seq_before, what="the delta")
+            await asyncio.sleep(0.1)
+            after = samples((await http.get("/metrics")).text)
+        count = after[(f"{DELIVERY}_count", ())] - before[(f"{DELIVERY}_count", ())]
+        total = after[(f"{DELIVERY}_sum", ())] - before[(f"{DELIVERY}_sum", ())]
+        assert count >= 1
+        assert total / count >= 0.45

@@ -27,6 +27,9 @@ class BusMessage(msgspec.Struct, frozen=True):
     counts: Counts
     #: ``kind="views"``: the workspace's views from this seq on (every view counted)
     views: list[View] | None = None
+    #: when the newest outbox entry behind this message committed (µs since the epoch; 0:
+    #: none, e.g. a time-driven flip): gateways measure commit → client from it
+    committed_at: int = 0
 
 
 class Overflow(Exception):

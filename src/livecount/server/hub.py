@@ -437,8 +437,11 @@ class Hub:
                     self.counts.pop(key, None)
                 self._dirty.add(key)
             self._advance(message.seq)
-            if not self._received:
-                self._received = time.monotonic()
+            at = time.monotonic()
+            if message.committed_at:  # the commit, on this process's monotonic clock
+                at -= max(0.0, time.time() - message.committed_at / 1e6)
+            if not self._received or at < self._received:
+                self._received = at
             self._tick.set()
         if message.kind == "views" and message.views is not None:
             # also when the seq did not move: a view with no counts changes no counter

@@ -157,9 +157,9 @@ class _LiveCollector(Collector):
         yield refusals
         yield (delivery or LagHistogram()).family(
             "livecount_stream_delivery_seconds",
-            "Seconds from this process's hub receiving a change from the bus to the stream "
-            "send that carried it to a client, one observation per client send. Commit to "
-            "client is about livecount_outbox_lag_seconds (commit to relay) plus this.")
+            "Seconds from the outbox commit of a change (the store's clock; the hub's "
+            "receipt for changes without one, such as time-driven flips) to the stream send "
+            "that carried it to a client, one observation per client send.")
 
 
 class Metrics:
