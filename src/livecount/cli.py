@@ -53,12 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
     from .supervisor import WorkerSpec, run_single, run_supervisor
 
     workers: int | None = args.workers
-    if workers is not None and workers > 1 and args.broker.startswith("memory:"):
-        raise ValidationError(
-            f"--workers {workers} needs a shared counter state and bus (--broker redis://…): "
-            "with memory:// each worker process would keep counts of its own over one store, "
-            "which is not exact across processes. Use --workers 1 (one supervised worker, "
-            "recycled with its replacement started first) or leave --workers out")
+    # With a memory broker every worker process follows the store's outbox with a relay and
+    # counts of its own (each one exact; N times the counting work). A write through one
+    # worker reaches another's relay by its poll on SQLite (NOTIFY wakes it on PostgreSQL):
+    # poll often when there are several.
+    poll = 0.05 if workers is not None and workers > 1 else 1.0
     try:
         marks = resolve_watermarks(args.soft_memory, args.hard_memory, workers=workers or 1)
     except ValueError as error:
@@ -75,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
                         memory_limit_bytes=marks.limit.bytes,
                         max_streams=args.max_streams or None,
                         max_streams_per_token=args.max_streams_per_token,
-                        drain_timeout=args.drain_timeout)
+                        drain_timeout=args.drain_timeout, relay_poll_interval=poll)
     spec = WorkerSpec(settings, host=args.host, port=args.port, log_level=args.log_level,
                       max_requests=max_requests, max_requests_jitter=jitter)
     if workers is None:
@@ -160,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "replaces a worker that dies, recycles one past the hard memory "
                             "watermark or --max-requests (its replacement started first, "
                             "then it drains: stream clients are told to reconnect), rolls "
-                            "every worker on SIGHUP and drains all on SIGTERM. N > 1 needs "
-                            "a shared --broker (redis://): with memory:// each process would "
-                            "count on its own, so it refuses to start. Default: one process, "
+                            "every worker on SIGHUP and drains all on SIGTERM. With "
+                            "--broker memory:// each worker counts on its own (exact, N times "
+                            "the counting work; a client moving to another worker gets a "
+                            "snapshot of that worker's epoch). Default: one process, "
                             "no supervisor (past the hard watermark it drains and exits with "
                             "status 75 for the process manager to restart it)")
     serve.add_argument("--soft-memory", default=None, metavar="SIZE",

@@ -1,8 +1,7 @@
 """Run livecount's supervisor from a test: ``python -m tests.ops.serve --workers N ...``.
 
-The command line refuses ``--workers N > 1`` on the memory:// broker (each process would
-count on its own); the supervisor's tests need several workers anyway, each serving its own
-SQLite + memory stack over one file, for what they test: replacement, recycling, drain. So
+The supervisor's tests run several workers, each serving its own SQLite + memory stack over
+one file, and some run the test-only canary app, which the command line cannot serve: so
 they call :func:`livecount.supervisor.run_supervisor` directly, here.
 """
 
