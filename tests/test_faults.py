@@ -7,6 +7,10 @@ reloading on a gap, a reset or another epoch) holds exactly the state's counters
 
 The named regression tests below reproduce the failures found on the code before atomic
 apply; each failed there.
+
+Every test with a ``world`` runs twice: on the memory state and bus, and on the Redis state
+and bus (``redis``: a key prefix of its own per test or example, deleted at its end; skipped
+without Redis, except with ``CI=true``).
 """
 
 from __future__ import annotations
@@ -22,20 +26,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from livecount.bus import MemoryBus
+from livecount.bus import Bus, MemoryBus
 from livecount.bus.base import BusMessage
+from livecount.bus.redis import RedisBus
 from livecount.domain import format_timestamp
 from livecount.exceptions import Unavailable
 from livecount.relay import Relay
-from livecount.state import MemoryState
+from livecount.state import CounterState, MemoryState
+from livecount.state.redis import RedisState
 from livecount.store import open_store
 from livecount.store.base import Counts, Store
 from tests.faults import KINDS, Faults, Faulty, InjectedFault
+from tests.state.redis_support import delete_prefix, prefix_of, scratch_url
 from tests.strategies import NOW, conversation_bodies, patches, views
 from tests.test_relay import remap, tenant
 from tests.test_schedule import timed_filters
 
 pytestmark = pytest.mark.anyio
+
+#: the counter state and bus a world runs on
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
 FAILURES = (Unavailable, TimeoutError, InjectedFault)
 SECOND = 1_000_000
@@ -45,8 +55,9 @@ class Follower:
     """A bus reader like a gateway's hub: applies deltas in seq order, reloads the state on
     a gap, a reset or another epoch."""
 
-    def __init__(self, bus: MemoryBus, state: MemoryState, workspace_id: int) -> None:
-        self.subscription = bus.subscribe(workspace_id, maxsize=1 << 20)
+    def __init__(self, bus: Bus, state: CounterState, workspace_id: int) -> None:
+        self.bus = bus
+        self.subscription: Any = bus.subscribe(workspace_id, maxsize=1 << 20)
         self.state = state
         self.workspace_id = workspace_id
         self.epoch = ""
@@ -60,6 +71,9 @@ class Follower:
         self.reloads += 1
 
     async def drain(self) -> None:
+        sync = getattr(self.bus, "sync", None)  # a Redis bus: its reader has handed out all
+        if sync is not None:
+            await sync()
         queue = self.subscription._queue
         while not queue.empty():
             message = queue.get_nowait()
@@ -89,7 +103,7 @@ async def settle(relay: Relay, store: Store, clock: list[int]) -> None:
     pytest.fail("the relay never caught up")
 
 
-async def assert_exact(relay: Relay, store: Store, state: MemoryState, ws: int,
+async def assert_exact(relay: Relay, store: Store, state: CounterState, ws: int,
                        clock: list[int]) -> None:
     recount = await store.recount(ws, relay.views(ws), clock[0])
     assert recount.position == relay.position
@@ -97,11 +111,21 @@ async def assert_exact(relay: Relay, store: Store, state: MemoryState, ws: int,
 
 
 @contextlib.asynccontextmanager
-async def make_world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    """A real store, memory state and bus, their faulty wrappers and a fake clock."""
+async def make_world(tmp_path: Path, backend: str = "memory",
+                     config: pytest.Config | None = None) -> AsyncIterator[dict[str, Any]]:
+    """A real store, a state and a bus (memory, or Redis under a fresh key prefix), their
+    faulty wrappers and a fake clock."""
+    url = None
+    state: CounterState
+    bus: Bus
+    if backend == "redis":
+        assert config is not None
+        url = scratch_url(config)  # (skips, or fails in CI, when Redis does not answer)
+        state, bus = RedisState(url), RedisBus(url)
+    else:
+        state, bus = MemoryState(), MemoryBus()
     store = open_store(f"sqlite:///{tmp_path}/faults-{random.getrandbits(32)}.db")
     await store.open()
-    state, bus = MemoryState(), MemoryBus()
     faults = Faults(enabled=False)
     clock = [NOW]
     relays: list[Relay] = []
@@ -114,12 +138,16 @@ async def make_world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         for relay in relays:
             await relay.stop()
         await bus.close()
+        await state.close()
         await store.close()
+        if url is not None:
+            delete_prefix(prefix_of(url))
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    async with make_world(tmp_path) as value:
+@pytest.fixture(params=BACKENDS)
+async def world(tmp_path: Path, request: pytest.FixtureRequest
+                ) -> AsyncIterator[dict[str, Any]]:
+    async with make_world(tmp_path, request.param, request.config) as value:
         yield value
 
 
@@ -171,13 +199,16 @@ def _actions(draw: st.DrawFn) -> list[tuple[Any, ...]]:
 @settings(deadline=None, max_examples=60,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=operations(), plan=fault_plans, batch=st.integers(1, 4))
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_counts_are_exact_after_faults_at_any_call(tmp_path: Path,
+                                                         request: pytest.FixtureRequest,
+                                                         backend: str,
                                                          ops: list[tuple[int, tuple[Any, ...]]],
                                                          plan: dict[int, str],
                                                          batch: int) -> None:
-    async with make_world(tmp_path) as world:
+    async with make_world(tmp_path, backend, request.config) as world:
         store: Store = world["store"]
-        state: MemoryState = world["state"]
+        state: CounterState = world["state"]
         faults: Faults = world["faults"]
         clock: list[int] = world["clock"]
         ws, people, teams = await tenant(store)
@@ -466,7 +497,7 @@ async def test_a_poison_entry_is_recorded_skipped_and_recounted(world: dict[str,
 
 async def test_applied_entries_are_pruned_and_counting_goes_on(world: dict[str, Any]) -> None:
     store: Store = world["store"]
-    state: MemoryState = world["state"]
+    state: CounterState = world["state"]
     ws = (await store.create_workspace("A")).id
     relay = Relay(store, state, world["bus"], clock=lambda: world["clock"][0],
                   outbox_retention=0.05, poll_interval=0.05)
@@ -493,7 +524,7 @@ async def test_an_api_storm_never_reaches_the_relay(world: dict[str, Any]) -> No
     store while writes and new workspaces flow: API calls are refused with 503, the relay's
     own calls never are, and the counts end exact."""
     store: Store = world["store"]
-    state: MemoryState = world["state"]
+    state: CounterState = world["state"]
     first = (await store.create_workspace("A")).id
     relay = Relay(store, state, world["bus"], clock=lambda: world["clock"][0],
                   poll_interval=0.05)
