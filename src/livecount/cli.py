@@ -53,6 +53,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .supervisor import WorkerSpec, run_single, run_supervisor
 
     workers: int | None = args.workers
+    if workers is not None and workers > 1 and not args.broker.startswith("memory:"):
+        raise ValidationError(
+            f"--workers {workers} with --broker {args.broker.split('://')[0]}:// would run "
+            f"{workers} relays writing one shared counter state; counter workers with leases "
+            "that share it safely are not built yet: use --workers 1, or memory:// (each "
+            "worker then counts on its own)")
     # With a memory broker every worker process follows the store's outbox with a relay and
     # counts of its own (each one exact; N times the counting work). A write through one
     # worker reaches another's relay by its poll on SQLite (NOTIFY wakes it on PostgreSQL):
@@ -137,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--store", default=DEFAULT_STORE, help="store URL (default: %(default)s)")
     serve.add_argument("--broker", default="memory://",
-                       help="counter state and bus URL; memory:// is the only backend so far "
+                       help="counter state and bus URL: memory:// (this process) or "
+                            "redis://host:port/db[?prefix=…] (a Redis counter state and "
+                            "Redis Streams bus; one counting process per deployment for now) "
                             "(default: %(default)s)")
     serve.add_argument("--reconcile-every", type=_seconds_or_off, default=300.0,
                        metavar="SECONDS",

@@ -98,6 +98,7 @@ class _Workspace:
     timers: tuple[Timer, ...] = ()
     inflight: _Plan | None = None  # a plan whose commit raised: sent again first
     seq: int = 0  # the state's seq, as this relay last saw it
+    epoch: str = ""  # the state's epoch the counts were built in
     waiting: dict[int, View] = field(default_factory=dict)  # views being counted
     installs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -398,7 +399,11 @@ class Relay:
                 if workspace_id not in groups and workspace_id in self._workspaces:
                     groups[workspace_id] = []
             for workspace_id, group in groups.items():
-                await self._advance(workspace_id, group, now)
+                try:
+                    await self._advance(workspace_id, group, now)
+                except StateConflict:
+                    self._lost(workspace_id)
+                    raise
             if entries:
                 self.position = entries[-1].position
             return len(entries) == self.batch_size
@@ -478,6 +483,10 @@ class Relay:
                 return
             if plan.sent:
                 state = await self.state.snapshot(workspace_id)
+                if state.epoch != ws.epoch:
+                    ws.inflight = None
+                    self._inflight.discard(workspace_id)
+                    raise StateConflict(workspace_id, state.position, plan.expect)
                 if state.seq == plan.seq + 1:  # it landed; its message was never sent
                     ws.inflight = None
                     self._inflight.discard(workspace_id)
@@ -487,10 +496,8 @@ class Relay:
                     await self._publish(workspace_id)
                     return
                 if state.seq != plan.seq:
-                    self.conflicts += 1
                     ws.inflight = None
                     self._inflight.discard(workspace_id)
-                    self._unbuilt.add(workspace_id)
                     raise StateConflict(workspace_id, plan.expect, plan.expect)
         plan.sent = True
         ws.inflight = plan
@@ -499,13 +506,13 @@ class Relay:
             update = await self.state.apply(workspace_id, plan.deltas, plan.position,
                                             plan.expect)
         except StateConflict:
-            self.conflicts += 1
             ws.inflight = None
             self._inflight.discard(workspace_id)
-            self._unbuilt.add(workspace_id)  # someone else changed the counters: recount
-            raise
+            raise  # the step marks the workspace for a recount
         ws.inflight = None
         self._inflight.discard(workspace_id)
+        if update.epoch != ws.epoch:  # the state lost its data (it landed in a fresh one)
+            raise StateConflict(workspace_id, 0, plan.expect)
         self._finish(workspace_id, ws, plan)
         ws.seq = update.seq
         if update.duplicate:
@@ -516,6 +523,19 @@ class Relay:
                                   update.changed, committed_at=max(
                                       (e.committed_at for e in plan.entries), default=0)))
         await self._publish(workspace_id)
+
+    def _lost(self, workspace_id: int) -> None:
+        """The state is not where this relay left it (another writer, or a backend that lost
+        its data): recount the workspace at the next step."""
+        self.conflicts += 1
+        self._unbuilt.add(workspace_id)
+        ws = self._workspaces.get(workspace_id)
+        if ws is not None:
+            ws.inflight = None
+        self._inflight.discard(workspace_id)
+        self._wake.set()
+        log.warning("counter state of workspace %d is not where the relay left it; "
+                    "recounting", workspace_id)
 
     def _finish(self, workspace_id: int, ws: _Workspace, plan: _Plan) -> None:
         """Reflect a committed plan in memory. No await, nothing that can fail halfway."""
@@ -587,7 +607,8 @@ class Relay:
         if old is not None:
             for task in old.installs.values():
                 task.cancel()
-        ws = _Workspace(engine, applied=snapshot.position, clock=now, seq=update.seq)
+        ws = _Workspace(engine, applied=snapshot.position, clock=now, seq=update.seq,
+                        epoch=update.epoch)
         ws.retime()
         self._reopens.forget_workspace(workspace_id)
         for image in conversations:
@@ -682,6 +703,9 @@ class Relay:
                     backoff = 0.02
                 except asyncio.CancelledError:
                     raise
+                except StateConflict:
+                    self._lost(workspace_id)
+                    await asyncio.sleep(backoff)
                 except Exception:
                     self.errors += 1
                     log.warning("counting view %d of workspace %d failed; retrying", view_id,
@@ -830,6 +854,9 @@ class Relay:
             checked = {c.id for c in compiled if ws.engine.views.get(c.id) is c}
             expected = {k: v for k, v in counting.at(ws.clock).items() if k[0] in checked}
             state = await self.state.snapshot(workspace_id)
+            if state.epoch != ws.epoch or state.position < ws.applied:
+                self._lost(workspace_id)  # lost its data: recount (a reconcile then agrees)
+                raise Unavailable("the counter state lost its data; recounting, retry")
             if state.position != ws.applied:
                 raise Unavailable("the counter state moved meanwhile; retry")
             actual = {k: v for k, v in state.counts.items() if k[0] in checked}
