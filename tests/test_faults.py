@@ -600,3 +600,27 @@ async def test_a_lost_reply_on_a_flip_only_commit_is_not_applied_twice(
     await relay.step()
     assert (await world["state"].snapshot(ws)).counts.get((view.id, None, None)) == 3
     await assert_exact(relay, store, world["state"], ws, clock)
+
+
+async def test_an_idle_workspace_whose_state_was_lost_is_recounted(
+        world: dict[str, Any]) -> None:
+    """The counter state loses a quiet workspace's data (a flushed Redis, a failover): no
+    write will make a commit conflict, so the reconcile must notice it and recount."""
+    store: Store = world["store"]
+    state = world["state"]
+    ws = (await store.create_workspace("A")).id
+    for _ in range(4):
+        await store.create_conversation(ws, {}, None)
+    relay = relay_of(world)
+    await relay.start(background=False)
+    await relay.sync()
+    if isinstance(state, MemoryState):
+        state._workspaces.pop(ws)
+    else:
+        await state._client.delete(state.key(ws))  # what a FLUSHDB does to it
+    with pytest.raises(Unavailable, match="lost its data"):
+        await relay.reconcile(ws, attempts=1)
+    await relay.step()  # the recount
+    assert (await relay.reconcile(ws)).drift == {}
+    await assert_exact(relay, store, state, ws, world["clock"])
+    assert relay.conflicts == 1
