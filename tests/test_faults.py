@@ -624,3 +624,31 @@ async def test_an_idle_workspace_whose_state_was_lost_is_recounted(
     assert (await relay.reconcile(ws)).drift == {}
     await assert_exact(relay, store, state, ws, world["clock"])
     assert relay.conflicts == 1
+
+
+async def test_a_repair_whose_reply_was_lost_is_made_good(world: dict[str, Any]) -> None:
+    """The reconcile's repair (``state.assign``) lands but its reply is lost: its message
+    was never published, so the relay recounts the workspace, and readers follow."""
+    store: Store = world["store"]
+    state = world["state"]
+    faults: Faults = world["faults"]
+    ws = (await store.create_workspace("A")).id
+    for _ in range(3):
+        await store.create_conversation(ws, {}, None)
+    relay = relay_of(world)
+    await relay.start(background=False)
+    await relay.sync()
+    all_view = next(v.id for v in relay.views(ws) if v.name == "All")
+    await state.assign(ws, {(all_view, None, None): 9})  # drift behind the relay's back
+    follower = Follower(world["bus"], state, ws)
+    await follower.reload()  # a reader that holds the drifted value
+    faults.enabled = True
+    faults.once["state.assign"] = "lost-reply"
+    with pytest.raises(TimeoutError):
+        await relay.reconcile(ws, attempts=1)
+    faults.enabled = False
+    await relay.step()  # the recount
+    await follower.drain()
+    assert follower.counts == (await state.snapshot(ws)).counts
+    assert follower.counts[(all_view, None, None)] == 3
+    await assert_exact(relay, store, state, ws, world["clock"])

@@ -181,19 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hard-memory", default=None, metavar="SIZE",
                        help="resident memory above which the worker is recycled; same forms; "
                             "env LIVECOUNT_HARD_MEMORY (default: 85%%)")
-    serve.add_argument("--max-requests", type=int,
-                       default=int(os.environ.get("LIVECOUNT_MAX_REQUESTS", "0") or 0),
+    serve.add_argument("--max-requests", type=_non_negative_int,
+                       default=os.environ.get("LIVECOUNT_MAX_REQUESTS") or "0",
                        metavar="N",
                        help="recycle a worker after N HTTP requests (plus jitter); 0 = never; "
                             "env LIVECOUNT_MAX_REQUESTS (default: %(default)s)")
-    serve.add_argument("--max-requests-jitter", type=int, default=None, metavar="N",
+    serve.add_argument("--max-requests-jitter", type=_non_negative_int, default=None,
+                       metavar="N",
                        help="add a random 0..N to --max-requests per worker, so workers do "
                             "not recycle together (default: a tenth of --max-requests)")
-    serve.add_argument("--max-streams", type=int, default=0, metavar="N",
+    serve.add_argument("--max-streams", type=_non_negative_int, default=0, metavar="N",
                        help="stream connections one process admits; past it 503 with "
-                            "Retry-After, and /readyz turns false from 90%% of it (default: "
-                            "the open-file limit less 10%%)")
-    serve.add_argument("--max-streams-per-token", type=int, default=100, metavar="N",
+                            "Retry-After, and /readyz turns false from 90%% of it (default, "
+                            "0: the open-file limit less 10%%, keeping back at least 64)")
+    serve.add_argument("--max-streams-per-token", type=_non_negative_int, default=100,
+                       metavar="N",
                        help="stream connections one token may hold in one process; past it "
                             "429 with Retry-After; 0 = no cap (default: %(default)s)")
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -270,14 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {low} or more, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole(text, 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

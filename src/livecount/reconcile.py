@@ -22,7 +22,6 @@ from .relay import Reconciliation, Relay
 from .state.base import CounterState
 from .state.memory import MemoryState
 from .store import Store, open_store
-from .store.base import Counts
 
 __all__ = ["reconcile_store", "render"]
 
@@ -59,20 +58,16 @@ async def _against_sql(relay: Relay, store: Store, state: CounterState, workspac
                 continue
             counts = (await state.snapshot(workspace_id)).counts
         timed = {v.id for v in views if compile_view(v).timed}
-        drift: Counts = {}
-        values = {}
-        for key in counts.keys() | recount.counts.keys():
-            if key[0] in timed:
-                continue  # the relay's clock is earlier; the live reconcile checks these
-            difference = recount.counts.get(key, 0) - counts.get(key, 0)
-            if difference:
-                drift[key] = difference
-                values[key] = (counts.get(key, 0), recount.counts.get(key, 0))
-        if drift and repair:
+        # time-dependent views are left out: the relay's clock is earlier than the recount's
+        # (the live reconcile checks them at one instant)
+        values = {key: (counts.get(key, 0), recount.counts.get(key, 0))
+                  for key in counts.keys() | recount.counts.keys()
+                  if key[0] not in timed and counts.get(key, 0) != recount.counts.get(key, 0)}
+        if values and repair:
             await state.assign(workspace_id, {k: v[1] for k, v in values.items()})
         return Reconciliation(workspace_id, recount.position, len(views) - len(timed),
-                              len(timed), len(counts.keys() | recount.counts.keys()), drift,
-                              time.perf_counter() - started, values, bool(drift and repair))
+                              len(timed), len(counts.keys() | recount.counts.keys()),
+                              time.perf_counter() - started, values, bool(values and repair))
     raise Unavailable("the store kept changing; retry when it is quieter")
 
 

@@ -116,7 +116,6 @@ class Reconciliation:
     views_checked: int
     views_skipped: int
     counters_checked: int
-    drift: Counts  # counter → (recount − state) at ``position``
     seconds: float
     #: counter → (state value, recounted value), for every drifted counter
     values: dict[tuple[int, str | None, int | None], tuple[int, int]] = field(
@@ -124,8 +123,13 @@ class Reconciliation:
     repaired: bool = False
 
     @property
+    def drift(self) -> Counts:
+        """counter → (recount − state) at ``position``."""
+        return {key: sql - state for key, (state, sql) in self.values.items()}
+
+    @property
     def drifted(self) -> int:
-        return len(self.drift)
+        return len(self.values)
 
 
 class _Count:
@@ -141,6 +145,9 @@ class _Count:
         self.workspace_id = workspace_id
         self.engine = Engine(views)
         self.counts: Counts = {}
+        #: the current images, kept only when a counted view depends on time (``at`` and
+        #: the flips of a newly installed view need them; other counts do not)
+        self.timed = [v.id for v in self.engine.views.values() if v.timed]
         self.images: dict[int, Image] = {}
         self.position = 0
         self.t0 = 0
@@ -157,8 +164,9 @@ class _Count:
         for start in range(0, len(conversations), COUNT_SLICE):
             part = conversations[start:start + COUNT_SLICE]
             self.engine.count_into(self.counts, part, self.t0)
-            for image in part:
-                self.images[image.id] = image
+            if self.timed:
+                for image in part:
+                    self.images[image.id] = image
             await asyncio.sleep(0)
 
     async def catch_up(self, target: int) -> None:
@@ -178,20 +186,20 @@ class _Count:
                     assert before is None or isinstance(before, Image)
                     assert after is None or isinstance(after, Image)
                     _accumulate(self.counts, self.engine.deltas(before, after, self.t0))
-                    if after is None:
-                        self.images.pop(entry.entity_id, None)
-                    else:
-                        self.images[after.id] = after
+                    if self.timed:
+                        if after is None:
+                            self.images.pop(entry.entity_id, None)
+                        else:
+                            self.images[after.id] = after
                 self.position = entry.position
             await asyncio.sleep(0)
 
     def at(self, clock: int) -> Counts:
-        timed = [v.id for v in self.engine.views.values() if v.timed]
-        if not timed or clock == self.t0:
+        if not self.timed or clock == self.t0:
             return self.counts
         counts = dict(self.counts)
         for image in self.images.values():
-            _accumulate(counts, self.engine.clock_deltas(image, self.t0, clock, timed))
+            _accumulate(counts, self.engine.clock_deltas(image, self.t0, clock, self.timed))
         return counts
 
 
@@ -860,31 +868,31 @@ class Relay:
             if state.position != ws.applied:
                 raise Unavailable("the counter state moved meanwhile; retry")
             actual = {k: v for k, v in state.counts.items() if k[0] in checked}
-            drift: Counts = {}
-            values = {}
-            for key in expected.keys() | actual.keys():
-                difference = expected.get(key, 0) - actual.get(key, 0)
-                if difference:
-                    drift[key] = difference
-                    values[key] = (actual.get(key, 0), expected.get(key, 0))
+            values = {key: (actual.get(key, 0), expected.get(key, 0))
+                      for key in expected.keys() | actual.keys()
+                      if expected.get(key, 0) != actual.get(key, 0)}
             repaired = False
-            if drift and repair:
-                update = await self.state.assign(workspace_id,
-                                                 {k: expected.get(k, 0) for k in drift})
+            if values and repair:
+                try:
+                    update = await self.state.assign(
+                        workspace_id, {key: sql for key, (_, sql) in values.items()})
+                except Exception:
+                    self._lost(workspace_id)  # landed or not, unknown: recount to be sure
+                    raise
                 ws.seq = update.seq
                 repaired = True
-                self.drift_repaired += len(drift)
+                self.drift_repaired += len(values)
                 if update.changed:
                     self._send(BusMessage(workspace_id, update.epoch, update.seq, "delta",
                                           update.changed))
                 await self._publish(workspace_id)
-            if drift:
+            if values:
                 log.warning("reconcile found %d drifted counters in workspace %d at position "
-                            "%d%s", len(drift), workspace_id, ws.applied,
+                            "%d%s", len(values), workspace_id, ws.applied,
                             " (repaired)" if repaired else "")
             self.reconciles += 1
             return Reconciliation(workspace_id, self._reached(ws), len(checked),
-                                  len(compiled) - len(checked), len(expected | actual), drift,
+                                  len(compiled) - len(checked), len(expected | actual),
                                   time.perf_counter() - started, values, repaired)
 
     async def _reconcile_loop(self, every: float) -> None:
@@ -933,9 +941,8 @@ async def _in_relay_lane(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def _poison(entry: OutboxEntry) -> str | None:
     """Why ``entry`` can never be applied, or None."""
-    error = getattr(entry, "error", None)
-    if error:
-        return str(error)
+    if entry.error:
+        return entry.error
     if entry.kind == "conversation":
         if not isinstance(entry.before, Image | None) or not isinstance(entry.after,
                                                                        Image | None):

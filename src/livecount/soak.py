@@ -15,7 +15,9 @@ in minutes and compares the server's resources before and after:
 
 It **passes** when threads and asyncio tasks are back at their warm values, open fds within
 ``fd_tolerance`` of theirs (connection pools open lazily up to their size, a leak grows past
-it), resident memory within ``rss_tolerance`` (5%) of warm, and no request got a 500. The
+it), resident memory within ``rss_tolerance`` (5%) of warm, no request got a 500, at most 1% of
+requests answered another 5xx or failed on the transport, and at most 1% of stream cycles
+failed. The
 figures come from the server's ``/metrics`` (``livecount_process_threads``,
 ``livecount_asyncio_tasks``, ``livecount_process_open_fds``,
 ``livecount_process_resident_memory_bytes``), summed over its worker processes, so the soak
@@ -337,6 +339,15 @@ class Load:
         self.on_progress: Callable[[], None] = lambda: None
 
     async def request(self, client: httpx.AsyncClient) -> None:
+        try:
+            status = await self._request(client)
+        except httpx.TransportError:  # cut or timed out (a worker recycled mid-request)
+            status = "transport"
+        self.statuses[status] += 1
+        self.requests += 1
+        self.on_progress()
+
+    async def _request(self, client: httpx.AsyncClient) -> str:
         rng, tenant = self.rng, self.tenant
         token = rng.choice(tenant.tokens)
         headers = {"Authorization": f"Bearer {token}"}
@@ -358,9 +369,7 @@ class Load:
         else:
             target = rng.choice(tenant.conversations)
             response = await client.get(f"{path}/conversations/{target}", headers=headers)
-        self.statuses[str(response.status_code)] += 1
-        self.requests += 1
-        self.on_progress()
+        return str(response.status_code)
 
     async def cycle(self, sse_client: httpx.AsyncClient, n: int) -> None:
         token = self.rng.choice(self.tenant.tokens)
@@ -499,11 +508,12 @@ async def _soak(options: SoakOptions, base: str, admin: str,
         final = await sampler.steady(options.settle, options.sample_every, target=warm,
                                      fd_tolerance=options.fd_tolerance)
     failures = judge(warm, final, options.rss_tolerance, options.fd_tolerance)
-    errors = sum(n for status, n in load.statuses.items() if status.startswith("5"))
+    errors = sum(n for status, n in load.statuses.items()
+                 if status.startswith("5") or status == "transport")
     if load.statuses.get("500"):
         failures.append(f"{load.statuses['500']} requests answered 500 (a bug every time)")
     if load.requests and errors > load.requests * 0.01:
-        failures.append(f"{errors} of {load.requests} requests answered 5xx")
+        failures.append(f"{errors} of {load.requests} requests answered 5xx or failed")
     if load.cycles and load.cycle_errors > load.cycles * 0.01:
         failures.append(f"{load.cycle_errors} of {load.cycles} stream cycles failed")
     result = SoakResult(passed=not failures, failures=failures, warm=warm, final=final,

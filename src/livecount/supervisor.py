@@ -325,7 +325,9 @@ class Supervisor(Multiprocess):
         hung_after = float(self.config.timeout_worker_healthcheck)
         for slot, worker in enumerate(self.workers):
             if worker is None:
-                if now >= self._restart_at.get(slot, 0.0):
+                replacing = self._replacing is not None and self._replacing[0] == slot
+                if not replacing and now >= self._restart_at.get(slot, 0.0):
+                    # (a slot whose replacement is starting gets that one, not a second)
                     self.workers[slot] = self._spawn(slot)
                 continue
             alive = worker.process.is_alive()

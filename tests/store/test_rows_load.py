@@ -78,7 +78,10 @@ def test_load_images_reads_back_what_was_written(db: sa.Engine, images: list[Ima
             for workspace in (1, 2):
                 expected = sorted((i for i in images if i.workspace_id == workspace),
                                   key=lambda i: i.id)
-                loaded = rows.load_images(conn, conversations.c.workspace_id == workspace)
+                loaded = rows.load_images(conn, conversations.c.workspace_id == workspace,
+                                          bulk=True)
+                assert loaded == rows.load_images(conn,
+                                                  conversations.c.workspace_id == workspace)
                 assert loaded == expected
                 assert all(type(a.priority) is bool for a in loaded)
                 assert [_typed(a.custom) for a in loaded] == [_typed(e.custom)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Any, Protocol
 
 from .base import BusMessage, Overflow
 
 __all__ = ["MemoryBus", "MemorySubscription"]
 
 
+class _Unsubscribes(Protocol):
+    def _unsubscribe(self, subscription: Any) -> None: ...
+
+
 class MemorySubscription:
     """A bounded queue. When it is full the backlog is dropped and the reader gets
-    :class:`Overflow` — a slow reader costs at most ``maxsize`` messages of memory."""
+    :class:`Overflow` — a slow reader costs at most ``maxsize`` messages of memory. The
+    Redis bus's subscriptions are these too (filled by its reader task)."""
 
-    def __init__(self, bus: MemoryBus, workspace_id: int, maxsize: int) -> None:
+    def __init__(self, bus: _Unsubscribes, workspace_id: int, maxsize: int) -> None:
         self._bus = bus
         self.workspace_id = workspace_id
         self._queue: asyncio.Queue[BusMessage | None] = asyncio.Queue(maxsize + 1)
@@ -26,12 +32,18 @@ class MemorySubscription:
         if self.overflowed or self.closed:
             return
         if self._queue.qsize() >= self._maxsize:
-            self.overflowed = True
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._queue.put_nowait(None)  # wake the reader
+            self._overflow()
             return
         self._queue.put_nowait(message)
+
+    def _overflow(self) -> None:
+        """Drop the backlog: the reader's next message is :class:`Overflow` (resync)."""
+        if self.overflowed or self.closed:
+            return
+        self.overflowed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)  # wake the reader
 
     def __aiter__(self) -> MemorySubscription:
         return self
@@ -43,7 +55,8 @@ class MemorySubscription:
         if message is None:
             if self.overflowed:
                 self.overflowed = False
-                raise Overflow(f"subscriber fell more than {self._maxsize} messages behind")
+                raise Overflow(f"subscriber fell more than {self._maxsize} messages behind, "
+                               "or the bus lost messages")
             raise StopAsyncIteration
         return message
 

@@ -61,7 +61,8 @@ from redis.exceptions import ResponseError
 
 from ..exceptions import Unavailable
 from ..state.redis import parse_redis_url, redis_client, unavailable
-from .base import BusMessage, Overflow
+from .base import BusMessage
+from .memory import MemorySubscription
 
 __all__ = ["RedisBus", "RedisSubscription"]
 
@@ -119,57 +120,13 @@ def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class RedisSubscription:
-    """A bounded queue filled by the bus's reader. When it is full the backlog is dropped
-    and the reader gets :class:`Overflow` — a slow reader costs at most ``maxsize``
-    messages of memory."""
+class RedisSubscription(MemorySubscription):
+    """The memory bus's bounded queue, filled by the Redis bus's reader task; ``since``: when
+    it subscribed (monotonic), where a new stream starts reading."""
 
     def __init__(self, bus: RedisBus, workspace_id: int, maxsize: int) -> None:
-        self._bus = bus
-        self.workspace_id = workspace_id
-        self._queue: asyncio.Queue[BusMessage | None] = asyncio.Queue(maxsize + 1)
-        self._maxsize = maxsize
+        super().__init__(bus, workspace_id, maxsize)
         self.since = time.monotonic()
-        self.overflowed = False
-        self.closed = False
-
-    def _offer(self, message: BusMessage) -> None:
-        if self.overflowed or self.closed:
-            return
-        if self._queue.qsize() >= self._maxsize:
-            self._overflow()
-            return
-        self._queue.put_nowait(message)
-
-    def _overflow(self) -> None:
-        if self.overflowed or self.closed:
-            return
-        self.overflowed = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(None)  # wake the reader
-
-    def __aiter__(self) -> RedisSubscription:
-        return self
-
-    async def __anext__(self) -> BusMessage:
-        if self.closed:
-            raise StopAsyncIteration
-        message = await self._queue.get()
-        if message is None:
-            if self.overflowed:
-                self.overflowed = False
-                raise Overflow(f"subscriber fell more than {self._maxsize} messages behind, "
-                               "or the bus may have lost messages")
-            raise StopAsyncIteration
-        return message
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._bus._unsubscribe(self)
-            if self._queue.empty():
-                self._queue.put_nowait(None)
 
 
 class _Stream:
@@ -337,14 +294,17 @@ class RedisBus:
                     streams = {s.key: s.cursor for s in self._streams.values()}
                     reply = await self._reader.xread(
                         streams, count=READ_COUNT, block=self.block_ms)  # type: ignore[arg-type]
-            except Unavailable as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Unavailable, or anything unexpected: never die
                 self._reading = self._reader_id = None
                 if self.closed:
                     return
                 self.errors += 1
                 failed = True
                 log.warning("reading the Redis bus failed (%s); retrying in %.2fs",
-                            exc.__cause__ or exc, backoff)
+                            exc.__cause__ or exc, backoff, exc_info=not isinstance(
+                                exc, Unavailable))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF[1])
                 continue
@@ -366,7 +326,7 @@ class RedisBus:
                 stream.cursor, stream.delivered = entry_id, True
                 try:
                     message = _decode(fields[b"m"])
-                except (msgspec.DecodeError, KeyError) as exc:
+                except Exception as exc:  # a malformed entry must not stop the reader
                     self.errors += 1
                     log.error("bus entry %s of %s cannot be decoded (%s); its readers resync",
                               entry_id, key, exc)
@@ -405,8 +365,9 @@ class RedisBus:
             cursor = _parse_id(stream.cursor)
             if info is None:
                 lost = stream.delivered  # a stream that held what we read is gone
-            elif _parse_id(info["last-generated-id"]) < cursor:
-                lost = True  # recreated behind us
+            elif stream.delivered and _parse_id(info["last-generated-id"]) < cursor:
+                lost = True  # recreated behind us (an undelivered cursor is only a clock
+                # estimate, ahead of a quiet stream's last id: nothing was lost there)
             else:
                 first = info.get("first-entry")
                 trimmed = int(info.get("entries-added", -1)) - int(info.get("length", 0))
@@ -465,5 +426,7 @@ class RedisBus:
                 _, pending = await asyncio.wait(pending, timeout=5)
                 if pending:
                     log.error("the Redis bus reader did not stop: %r", pending)
-        await self._reader.aclose()
-        await self._client.aclose()
+        try:
+            await self._reader.aclose()
+        finally:
+            await self._client.aclose()

@@ -2,8 +2,9 @@
 
 A registry per app (not the global one) lets several apps live in one process (tests). The
 request middleware is pure ASGI: it wraps ``send`` to see the status and adds no task. The
-process and relay figures are read when ``/metrics`` is scraped (:meth:`Metrics.refresh`),
-never sampled in the background.
+process and relay figures are read when ``/metrics`` is scraped (:meth:`Metrics.refresh`);
+a single process never samples them in the background (workers under the supervisor do,
+every 2 s, for the spool below: two store reads each time).
 
 Several worker processes (``livecount serve --workers N``) share one port, so a scrape
 reaches any one of them. Each worker then labels its series ``worker="<slot>"`` and writes

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,8 +120,9 @@ def parse_redis_url(url: str) -> RedisOptions:
             value = float(own.get(name, default))
         except ValueError:
             raise ValidationError(f"{name}={own[name]!r} is not a number", "broker") from None
-        if not value >= low:
-            raise ValidationError(f"{name} must be at least {low}", "broker")
+        if not (value >= low and math.isfinite(value)):
+            raise ValidationError(f"{name} must be a finite number of at least {low}",
+                                  "broker")
         return value
 
     server = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
@@ -378,9 +380,7 @@ def _snapshot(fields: dict[str, str]) -> StateSnapshot:
     counts: Counts = {}
     for field, value in fields.items():
         if not field.startswith("_"):
-            view_id, teammate, rest = field.split(":", 2)
-            counts[int(view_id), rest[1:] if rest else None,
-                   int(teammate) if teammate else None] = int(value)
+            counts[decode_counter(field)] = int(value)
     views = fields.get("_views")
     return StateSnapshot(fields["_epoch"], int(fields.get("_seq", 0)),
                          int(fields.get("_pos", 0)), counts,

@@ -284,20 +284,21 @@ class _Sides:
 
 def load_images(conn: Connection, where: sa.ColumnElement[bool] | None = None,
                 order_by: Sequence[Any] = (conversations.c.id,),
-                limit: int | None = None) -> list[Image]:
+                limit: int | None = None, *, bulk: bool = False) -> list[Image]:
     """Read whole images for the conversations matching ``where`` (ids ascending by default).
 
-    Built for whole-workspace snapshots (a million conversations): when the matching ids
-    fill at least half of their range, the side tables are read first by id range (their
-    primary keys' order, no IN lists), then the rows are streamed and turned into images a
-    chunk at a time; otherwise the rows come first and the side tables are read for their
-    ids (ranges where they are dense, IN lists elsewhere). Rows are grouped per conversation
-    and images built in C-level passes (``map``/``zip``), equal sets shared.
+    ``bulk`` is for whole-workspace snapshots (a million conversations): when the matching
+    ids fill at least half of their range, the side tables are read first by id range (their
+    primary keys' order, no IN lists), then the rows are fetched and turned into images a
+    chunk at a time. Otherwise (and always without ``bulk``: loading one conversation or a
+    page must not pay a bounds query first) the rows come first and the side tables are read
+    for their ids (ranges where they are dense, IN lists elsewhere). Rows are grouped per
+    conversation and images built in C-level passes (``map``/``zip``), equal sets shared.
     """
     query = sa.select(*_COLUMNS).order_by(*order_by)
     if where is not None:
         query = query.where(where)
-    if limit is None:
+    if limit is None and bulk:
         bounds = sa.select(sa.func.min(conversations.c.id), sa.func.max(conversations.c.id),
                            sa.func.count())
         low, high, total = _fetch(conn, bounds if where is None else bounds.where(where))[0]
@@ -311,7 +312,7 @@ def load_images(conn: Connection, where: sa.ColumnElement[bool] | None = None,
                     images += sides.images(chunk)
                 del sides
             return images
-    else:
+    elif limit is not None:
         query = query.limit(limit)
     rows = _fetch(conn, query)
     if not rows:

@@ -320,7 +320,7 @@ class SQLStore:
             raise
 
     async def close(self) -> None:
-        """Wait for calls in flight, join both executors and release every connection.
+        """Wait for calls in flight, join every executor and release every connection.
 
         Idempotent, so it is safe in ``finally`` blocks and fixtures.
         """
@@ -1035,7 +1035,8 @@ class SQLStore:
             position = self._position(conn)
             return Snapshot(position=position, views=self._list_views(conn, workspace_id),
                             conversations=rows.load_images(
-                                conn, conversations.c.workspace_id == workspace_id))
+                                conn, conversations.c.workspace_id == workspace_id,
+                                bulk=True))
         return await self._read(run)
 
     async def recount(self, workspace_id: int, views: list[View], now: int) -> Recount:
