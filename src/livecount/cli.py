@@ -53,17 +53,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .supervisor import WorkerSpec, run_single, run_supervisor
 
     workers: int | None = args.workers
-    if workers is not None and workers > 1 and not args.broker.startswith("memory:"):
-        raise ValidationError(
-            f"--workers {workers} with --broker {args.broker.split('://')[0]}:// would run "
-            f"{workers} relays writing one shared counter state; counter workers with leases "
-            "that share it safely are not built yet: use --workers 1, or memory:// (each "
-            "worker then counts on its own)")
+    shared = not args.broker.startswith("memory:")
+    counters: int = args.counter_workers
+    if not shared and counters != 1:
+        raise ValidationError("--counter-workers needs a shared counter state (--broker "
+                              "redis://…); with memory:// every process counts on its own")
+    if shared and workers is None and counters > 1:
+        raise ValidationError("--counter-workers above 1 needs --workers (the supervisor runs "
+                              "them), or run `livecount worker` processes")
     # With a memory broker every worker process follows the store's outbox with a relay and
     # counts of its own (each one exact; N times the counting work). A write through one
     # worker reaches another's relay by its poll on SQLite (NOTIFY wakes it on PostgreSQL):
-    # poll often when there are several.
-    poll = 0.05 if workers is not None and workers > 1 else 1.0
+    # poll often when there are several, or when counting happens in other processes.
+    poll = 0.05 if (workers is not None and workers > 1) or shared else 1.0
+    # Shared state: under --workers the gateways only serve and the supervisor runs the
+    # counter workers; a lone process serves and counts, unless --counter-workers 0.
+    role = "gateway" if shared and (workers is not None or counters == 0) else "all"
     try:
         marks = resolve_watermarks(args.soft_memory, args.hard_memory, workers=workers or 1)
     except ValueError as error:
@@ -80,12 +85,40 @@ def _serve(args: argparse.Namespace) -> int:
                         memory_limit_bytes=marks.limit.bytes,
                         max_streams=args.max_streams or None,
                         max_streams_per_token=args.max_streams_per_token,
-                        drain_timeout=args.drain_timeout, relay_poll_interval=poll)
+                        drain_timeout=args.drain_timeout, relay_poll_interval=poll, role=role,
+                        shards=args.shards, lease_ttl=args.lease_ttl)
+    counter_command: tuple[str, ...] = ()
+    if shared and workers is not None and counters:
+        counter_command = (sys.executable, "-m", "livecount", "worker", "--store", args.store,
+                           "--broker", args.broker, "--shards", str(args.shards),
+                           "--lease-ttl", str(args.lease_ttl),
+                           "--reconcile-every", str(args.reconcile_every or 0),
+                           "--outbox-retention", str(args.outbox_retention or 0))
     spec = WorkerSpec(settings, host=args.host, port=args.port, log_level=args.log_level,
-                      max_requests=max_requests, max_requests_jitter=jitter)
+                      max_requests=max_requests, max_requests_jitter=jitter,
+                      counter_command=counter_command,
+                      counter_workers=counters if counter_command else 0)
     if workers is None:
         return run_single(spec)
     return run_supervisor(spec, workers)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Count the workspaces this process holds leases on, until SIGTERM/SIGINT."""
+    from .exceptions import ValidationError
+    from .service import Settings
+    from .worker import run_worker
+
+    if not args.broker.startswith(("redis://", "rediss://")):
+        raise ValidationError("a counter worker needs a shared counter state and bus: "
+                              "--broker redis://…")
+    # SQLite has no NOTIFY to wake a relay in another process: poll often there
+    poll = 0.05 if args.store.startswith("sqlite") else 1.0
+    settings = Settings(store_url=args.store, broker_url=args.broker, role="worker",
+                        reconcile_every=args.reconcile_every,
+                        outbox_retention=args.outbox_retention, relay_poll_interval=poll,
+                        shards=args.shards, lease_ttl=args.lease_ttl)
+    return run_worker(settings, host=args.host, port=args.port)
 
 
 def _soak(args: argparse.Namespace) -> int:
@@ -145,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--broker", default="memory://",
                        help="counter state and bus URL: memory:// (this process) or "
                             "redis://host:port/db[?prefix=…] (a Redis counter state and "
-                            "Redis Streams bus; one counting process per deployment for now) "
-                            "(default: %(default)s)")
+                            "Redis Streams bus shared by every process; counting is split "
+                            "between counter workers by leases) (default: %(default)s)")
     serve.add_argument("--reconcile-every", type=_seconds_or_off, default=300.0,
                        metavar="SECONDS",
                        help="recount each workspace against the store this often, spread over "
@@ -170,9 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "every worker on SIGHUP and drains all on SIGTERM. With "
                             "--broker memory:// each worker counts on its own (exact, N times "
                             "the counting work; a client moving to another worker gets a "
-                            "snapshot of that worker's epoch). Default: one process, "
+                            "snapshot of that worker's epoch); with --broker redis:// the N "
+                            "workers only serve and the supervisor also runs "
+                            "--counter-workers counter workers. Default: one process, "
                             "no supervisor (past the hard watermark it drains and exits with "
                             "status 75 for the process manager to restart it)")
+    serve.add_argument("--counter-workers", type=_non_negative_int, default=1, metavar="M",
+                       help="with --broker redis://: counter worker processes to run (under "
+                            "--workers, the supervisor runs and restarts them); 0 = this "
+                            "host only serves, counting is done by `livecount worker` "
+                            "processes elsewhere (default: %(default)s)")
+    _lease_options(serve)
     serve.add_argument("--soft-memory", default=None, metavar="SIZE",
                        help="resident memory above which /readyz answers 503: bytes "
                             "(800MiB, 1.5G) or a percentage of this worker's share of the "
@@ -202,6 +243,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on shutdown or recycle, how long to wait for stream clients to "
                             "take their reconnect message and go (default: %(default)s)")
     serve.set_defaults(func=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="count without serving: a counter worker for a shared (Redis) state",
+        description="Follow the store's outbox and keep the counts of the workspaces this "
+                    "process holds leases on in the shared counter state and bus "
+                    "(--broker redis://…). Run any number: workspaces are split by shard, a "
+                    "worker that dies loses its leases after --lease-ttl and the others take "
+                    "its shards over (counting them again from the store). SIGTERM gives the "
+                    "leases back at once.")
+    worker.add_argument("--store", default=DEFAULT_STORE, help="store URL (default: %(default)s)")
+    worker.add_argument("--broker", required=True,
+                        help="the shared counter state and bus: redis://host:port/db[?prefix=…]")
+    worker.add_argument("--reconcile-every", type=_seconds_or_off, default=300.0,
+                        metavar="SECONDS",
+                        help="recount each owned workspace this often, repairing drift; 0 "
+                             "turns it off (default: %(default)s)")
+    worker.add_argument("--outbox-retention", type=_seconds_or_off, default=24 * 3600.0,
+                        metavar="SECONDS",
+                        help="prune applied outbox entries older than this (never past the "
+                             "slowest live worker); 0 keeps them (default: %(default)s)")
+    _lease_options(worker)
+    worker.add_argument("--host", default="127.0.0.1",
+                        help="bind address of --port (default: %(default)s)")
+    worker.add_argument("--port", type=int, default=None,
+                        help="serve GET /healthz and GET /metrics on this port (default: none)")
+    worker.set_defaults(func=_worker)
 
     demo = commands.add_parser(
         "demo", help="try it: a seeded workspace, the server, and a simulated team at work",
@@ -270,6 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--no-progress", action="store_true", help="no progress display")
     soak.set_defaults(func=_soak)
     return parser
+
+
+def _lease_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=_positive_int, default=64, metavar="N",
+                        help="shards of workspaces the counter workers split (every process "
+                             "of a deployment must use the same) (default: %(default)s)")
+    parser.add_argument("--lease-ttl", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="a counter worker's leases end this long after its last renewal "
+                             "(the takeover delay after a crash) (default: %(default)s)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _whole(text: str, low: int) -> int:

@@ -27,6 +27,12 @@ relay's hot path, and installed under the relay lock in one atomic step.
 
 **Reopens** (snoozes whose time has come) are written by their own task, retried until they
 land, and leave their schedule only once written.
+
+**Ownership.** With a shared counter state several relays (counter workers) split the
+workspaces by shard under leases (:mod:`livecount.leases`): a relay applies the entries of the
+workspaces it owns only, skips the others', counts a workspace from scratch when it takes its
+shard over, forgets it when it gives the shard up, and writes with its lease's fence, so a
+relay that lost its lease without knowing cannot overwrite the new owner's counts.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
 from .engine import Delta, Engine
 from .exceptions import LivecountError, Unavailable
+from .leases import Everything, Ownership
 from .schedule import DueFlip, FlipSchedule, KeyedHeap, ReopenSchedule, Timer
-from .state.base import CounterState, StateConflict, Update
+from .state.base import CounterState, StateConflict, StateFenced, Update
 from .store.base import Counts, OutboxEntry, Store, View, relay_lane
 
 __all__ = ["Reconciliation", "Relay"]
@@ -71,6 +78,11 @@ def _accumulate(counts: Counts, deltas: Iterable[Delta]) -> None:
             counts[key] = value
         else:
             counts.pop(key, None)
+
+
+@dataclass
+class _NotOwned(LivecountError):
+    """The relay does not own the workspace (any more): it must not write it."""
 
 
 @dataclass
@@ -130,6 +142,16 @@ class Reconciliation:
     @property
     def drifted(self) -> int:
         return len(self.values)
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's answer (DESIGN §5): position, views checked, drift, repaired."""
+        drift = [{"view": view, "group": group, "teammate": teammate, "state": state,
+                  "sql": sql}
+                 for (view, group, teammate), (state, sql) in sorted(
+                     self.values.items(), key=lambda item: (item[0][0], str(item[0][1]),
+                                                            item[0][2] or 0))]
+        return {"position": self.position, "views_checked": self.views_checked,
+                "drift": drift, "repaired": self.repaired}
 
 
 class _Count:
@@ -209,7 +231,8 @@ class Relay:
     def __init__(self, store: Store, state: CounterState, bus: Bus, *, batch_size: int = 1000,
                  poll_interval: float = 1.0, clock: Callable[[], int] = now_us,
                  reconcile_every: float | None = None,
-                 outbox_retention: float | None = None) -> None:
+                 outbox_retention: float | None = None,
+                 ownership: Ownership | None = None) -> None:
         self.store = store
         self.state = state
         self.bus = bus
@@ -218,6 +241,9 @@ class Relay:
         self.clock = clock
         self.reconcile_every = reconcile_every
         self.outbox_retention = outbox_retention
+        #: which workspaces this relay counts (all of them unless counting is shared)
+        self.ownership: Ownership = ownership or Everything()
+        self._ownership_seen = self.ownership.version
         self.position = 0
         self.lock = asyncio.Lock()
         self.entries_applied = 0
@@ -258,6 +284,7 @@ class Relay:
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._unsubscribe = self.store.on_commit(self._on_commit)
+        self.ownership.watch(self._wake.set, self._release)
         try:
             with relay_lane():
                 await self._build_all()
@@ -277,8 +304,10 @@ class Relay:
     async def _build_all(self) -> None:
         async with self.lock:
             self.position = await self.store.outbox_position()
+            self._ownership_seen = self.ownership.version
             for workspace in await self.store.list_workspaces():
-                self._unbuilt.add(workspace.id)
+                if self.ownership.fence(workspace.id) is not None:
+                    self._unbuilt.add(workspace.id)
             for workspace_id in sorted(self._unbuilt):
                 try:
                     await self._build(workspace_id)
@@ -374,6 +403,45 @@ class Relay:
         last one, or the relay's cursor when that is further (no entry of ``ws`` between)."""
         return max(self.position, ws.applied)
 
+    def _fence(self, workspace_id: int) -> int:
+        """The fence to write ``workspace_id`` with; :class:`_NotOwned` when not owned."""
+        fence = self.ownership.fence(workspace_id)
+        if fence is None:
+            raise _NotOwned(f"workspace {workspace_id} is not owned by this counter worker")
+        return fence
+
+    def _drop(self, workspace_id: int) -> None:
+        """Forget a workspace this relay does not own (any more). No await."""
+        ws = self._workspaces.pop(workspace_id, None)
+        if ws is not None:
+            for task in ws.installs.values():
+                task.cancel()
+        self._timers.remove(workspace_id)
+        self._reopens.forget_workspace(workspace_id)
+        self._inflight.discard(workspace_id)
+        self._outgoing.pop(workspace_id, None)
+        self._unbuilt.discard(workspace_id)
+
+    async def _follow_ownership(self) -> None:
+        """The owned shards changed: forget the workspaces given up, count the ones taken."""
+        version = self.ownership.version
+        for workspace_id in [*self._workspaces, *self._unbuilt]:
+            if self.ownership.fence(workspace_id) is None:
+                self._drop(workspace_id)
+        for workspace in await self.store.list_workspaces():
+            if (workspace.id not in self._workspaces
+                    and self.ownership.fence(workspace.id) is not None):
+                self._unbuilt.add(workspace.id)
+        self._ownership_seen = version
+
+    async def _release(self, shards: frozenset[int]) -> None:
+        """Before shards are given up: stop writing their workspaces (under the lock, so no
+        step is writing one of them meanwhile)."""
+        async with self.lock:
+            for workspace_id in [*self._workspaces, *self._unbuilt]:
+                if self.ownership.fence(workspace_id) is None:
+                    self._drop(workspace_id)
+
     @property
     def scheduled(self) -> int:
         """Time-driven entries held: at most one flip entry per timed conversation and one
@@ -395,20 +463,33 @@ class Relay:
 
     async def _step(self) -> bool:
         async with self.lock:
+            if self.ownership.version != self._ownership_seen:
+                await self._follow_ownership()
             await self._publish_all()
             now = self._now()
             for workspace_id in sorted(self._unbuilt):
+                if self.ownership.fence(workspace_id) is None:
+                    self._drop(workspace_id)
+                    continue
                 await self._build(workspace_id)
             entries = await self.store.read_outbox(self.position, self.batch_size)
             groups: dict[int, list[OutboxEntry]] = {}
             for entry in entries:
                 groups.setdefault(entry.workspace_id, []).append(entry)
-            for workspace_id in (*self._inflight, *(w for _, w, _ in self._timers.due(now))):
-                if workspace_id not in groups and workspace_id in self._workspaces:
+            for workspace_id in (*self._inflight, *[w for _, w, _ in self._timers.due(now)]):
+                if workspace_id not in self._workspaces:
+                    self._timers.remove(workspace_id)
+                elif workspace_id not in groups:
                     groups[workspace_id] = []
             for workspace_id, group in groups.items():
+                if self.ownership.fence(workspace_id) is None:
+                    self._drop(workspace_id)  # another relay applies its entries
+                    continue
                 try:
                     await self._advance(workspace_id, group, now)
+                except (StateFenced, _NotOwned):
+                    self.ownership.lost(workspace_id)
+                    self._drop(workspace_id)
                 except StateConflict:
                     self._lost(workspace_id)
                     raise
@@ -512,7 +593,7 @@ class Relay:
         self._inflight.add(workspace_id)
         try:
             update = await self.state.apply(workspace_id, plan.deltas, plan.position,
-                                            plan.expect)
+                                            plan.expect, fence=self._fence(workspace_id))
         except StateConflict:
             ws.inflight = None
             self._inflight.discard(workspace_id)
@@ -609,7 +690,8 @@ class Relay:
             engine.count_into(counts, conversations[start:start + COUNT_SLICE], now)
             await asyncio.sleep(0)
         update = await self.state.replace(workspace_id, counts, snapshot.position,
-                                          views=snapshot.views)
+                                          views=snapshot.views,
+                                          fence=self._fence(workspace_id))
         # committed: now reflect it in memory (no await from here)
         old = self._workspaces.get(workspace_id)
         if old is not None:
@@ -654,7 +736,8 @@ class Relay:
             self._cancel_install(ws, view_id)
             update = await self.state.replace(
                 workspace_id, {}, entry.position, [view_id],
-                views=[v for v in self.views(workspace_id) if v.id != view_id])
+                views=[v for v in self.views(workspace_id) if v.id != view_id],
+                fence=self._fence(workspace_id))
             ws.engine.remove_view(view_id)
             ws.retime()
             self._view_committed(workspace_id, ws, entry.position, update)
@@ -667,13 +750,15 @@ class Relay:
             # renamed or moved: the counts stand
             update = await self.state.replace(
                 workspace_id, {}, entry.position, [],
-                views=[after if v.id == view_id else v for v in self.views(workspace_id)])
+                views=[after if v.id == view_id else v for v in self.views(workspace_id)],
+                fence=self._fence(workspace_id))
             ws.engine.views[view_id].view = after
             self._view_committed(workspace_id, ws, entry.position, update)
             await self._publish(workspace_id)
             return
         # counted in the background, installed when done; the position moves on now
-        update = await self.state.apply(workspace_id, {}, entry.position, ws.applied)
+        update = await self.state.apply(workspace_id, {}, entry.position, ws.applied,
+                                        fence=self._fence(workspace_id))
         ws.applied = entry.position
         ws.seq = update.seq
         ws.waiting[view_id] = after
@@ -711,6 +796,10 @@ class Relay:
                     backoff = 0.02
                 except asyncio.CancelledError:
                     raise
+                except (StateFenced, _NotOwned):
+                    self.ownership.lost(workspace_id)  # the next step forgets it
+                    self._wake.set()
+                    return
                 except StateConflict:
                     self._lost(workspace_id)
                     await asyncio.sleep(backoff)
@@ -748,7 +837,7 @@ class Relay:
             counts = counting.at(ws.clock)
             views = [v for v in self.views(workspace_id) if v.id != view.id] + [view]
             update = await self.state.replace(workspace_id, counts, ws.applied, [view.id],
-                                              views=views)
+                                              views=views, fence=self._fence(workspace_id))
             # committed: reflect it (no await until the publish)
             ws.seq = update.seq
             del ws.waiting[view.id]
@@ -844,6 +933,9 @@ class Relay:
 
     async def _reconcile(self, workspace_id: int, repair: bool) -> Reconciliation:
         started = time.perf_counter()
+        if self.ownership.fence(workspace_id) is None:
+            raise Unavailable(f"workspace {workspace_id} is counted by another counter "
+                              "worker", retry_after=1)
         ws = self._workspaces.get(workspace_id)
         if ws is None:
             async with self.lock:
@@ -875,7 +967,8 @@ class Relay:
             if values and repair:
                 try:
                     update = await self.state.assign(
-                        workspace_id, {key: sql for key, (_, sql) in values.items()})
+                        workspace_id, {key: sql for key, (_, sql) in values.items()},
+                        fence=self._fence(workspace_id))
                 except Exception:
                     self._lost(workspace_id)  # landed or not, unknown: recount to be sure
                     raise
@@ -924,7 +1017,9 @@ class Relay:
             await asyncio.sleep(period)
             try:
                 cutoff = now_us() - int(retention * 1_000_000)
-                self.outbox_pruned += await self.store.prune_outbox(self.position, cutoff)
+                floor = self.ownership.floor()  # other counter workers may be behind
+                upto = self.position if floor is None else min(self.position, floor)
+                self.outbox_pruned += await self.store.prune_outbox(upto, cutoff)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -2,7 +2,13 @@
 
 The HTTP app and the CLI build one :class:`Service` from :class:`Settings` and bracket its
 life with ``start()``/``stop()``; everything it starts (threads in the store, the relay's
-task) ends in ``stop()``.
+task, the lease renewals) ends in ``stop()``.
+
+A process plays one of three **roles**: ``all`` (the API and the counting: the embedded
+default, one process), ``gateway`` (the API and the streams only: counts and views come from
+the shared counter state and bus) or ``worker`` (counting only: ``livecount worker``). A
+process that counts against a shared (Redis) counter state does so under leases on shards of
+workspaces (:mod:`livecount.leases`), so any number of them can run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from .bus import Bus, open_bus
 from .exceptions import Unavailable, ValidationError
+from .leases import open_leases
+from .leases.redis import Directory, RedisLeases
 from .relay import Relay
 from .state import CounterState, open_state
 from .store import Store, open_store
@@ -60,6 +69,12 @@ class Settings:
     max_streams_per_token: int = 100
     #: seconds a drain waits for stream clients to take their reconnect message and go
     drain_timeout: float = 10.0
+    #: "all" (API + counting), "gateway" (API only) or "worker" (counting only)
+    role: str = "all"
+    #: shards of workspaces the counting processes share (all of them must agree)
+    shards: int | None = None
+    #: seconds a counting process's lease lasts without renewal (takeover after a crash)
+    lease_ttl: float | None = None
 
 
 async def wait_for_position(state: CounterState, store: Store, workspace_id: int,
@@ -113,34 +128,88 @@ class Service:
     store: Store = field(init=False)
     state: CounterState = field(init=False)
     bus: Bus = field(init=False)
-    relay: Relay = field(init=False)
+    #: the relay, in a process that counts (role "all" or "worker"); None in a gateway
+    relay: Relay | None = field(init=False)
+    #: this process's leases, when it counts against a shared counter state
+    leases: RedisLeases | None = field(init=False)
+    #: who counts which workspace, to send an admin's reconcile to it (shared state only)
+    directory: Directory | None = field(init=False)
     _admin_hash: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        self.store = open_store(self.settings.store_url)
-        self.state = open_state(self.settings.broker_url)
-        self.bus = open_bus(self.settings.broker_url)
-        self.relay = Relay(self.store, self.state, self.bus,
-                           poll_interval=self.settings.relay_poll_interval,
-                           reconcile_every=self.settings.reconcile_every,
-                           outbox_retention=self.settings.outbox_retention)
+        settings = self.settings
+        if settings.role not in ("all", "gateway", "worker"):
+            raise ValidationError(f"unknown role {settings.role!r}", "role")
+        if settings.role != "all" and settings.broker_url.startswith("memory:"):
+            raise ValidationError(
+                f"a {settings.role} needs a shared counter state and bus (--broker "
+                "redis://…): with memory:// nobody else would see its counts", "broker")
+        self.store = open_store(settings.store_url)
+        self.state = open_state(settings.broker_url)
+        self.bus = open_bus(settings.broker_url)
+        self.relay = None
+        self.leases = None
+        self.directory = None
+        if settings.role != "worker" and settings.broker_url.startswith(("redis", "rediss")):
+            from .leases.redis import DEFAULT_SHARDS
+
+            self.directory = Directory(settings.broker_url,
+                                       shards=settings.shards or DEFAULT_SHARDS)
+        if settings.role != "gateway":
+            self.leases = open_leases(settings.broker_url, shards=settings.shards,
+                                      ttl=settings.lease_ttl)
+            self.relay = Relay(self.store, self.state, self.bus,
+                               poll_interval=settings.relay_poll_interval,
+                               reconcile_every=settings.reconcile_every,
+                               outbox_retention=settings.outbox_retention,
+                               ownership=self.leases)
         #: teammate tokens already looked up (see livecount.tokens: revocation waits a TTL)
         self.tokens: TokenCache = TokenCache()
 
     async def start(self) -> None:
         await self.store.open()
         try:
-            await self._admin_token()
-            await self.relay.start()
+            if self.settings.role != "worker":
+                await self._admin_token()
+            relay = self.relay
+            if relay is not None:
+                if self.leases is not None:
+                    await self.leases.start(position=lambda: relay.position)
+                await relay.start()
+                if self.leases is not None:
+                    self.leases.answer(self._reconcile_here)
         except BaseException:
+            await self._stop_counting()
             await self.store.close()
             raise
 
+    async def _stop_counting(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.leases is not None:  # after the relay: given back once it stopped writing
+            await self.leases.stop()
+
     async def stop(self) -> None:
-        await self.relay.stop()
+        await self._stop_counting()
+        if self.directory is not None:
+            await self.directory.close()
         await self.bus.close()
         await self.state.close()
         await self.store.close()
+
+    async def reconcile(self, workspace_id: int) -> dict[str, Any]:
+        """Reconcile a workspace where it is counted: here, or by the counter worker that
+        owns it (only the owner may repair its counts); the API's answer."""
+        relay = self.relay
+        if relay is not None and relay.ownership.fence(workspace_id) is not None:
+            return await self._reconcile_here(workspace_id)
+        if self.directory is None:
+            raise Unavailable("no process here counts this workspace", retry_after=1)
+        return await self.directory.call(workspace_id)
+
+    async def _reconcile_here(self, workspace_id: int) -> dict[str, Any]:
+        assert self.relay is not None
+        return (await self.relay.reconcile(workspace_id)).as_json()
 
     async def _admin_token(self) -> None:
         token = self.settings.admin_token or os.environ.get("LIVECOUNT_ADMIN_TOKEN")

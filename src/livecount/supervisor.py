@@ -17,6 +17,10 @@ pipe and replaces one that dies or hangs, and handles the signals. What it adds:
   that dies soon after it started waits 0.5 s, 1 s, 2 s … (at most 30 s) before the next try.
 - **SIGHUP**: a rolling restart, each worker recycled as above, one after another;
   **SIGTERM**/**SIGINT**: every worker drains at once, then the supervisor exits.
+- **Counter workers** (with a shared counter state): the supervisor also runs
+  ``counter_workers`` ``livecount worker`` processes (the gateways then only serve), restarts
+  one that dies with the same backoff, and stops them (SIGTERM: they give their leases back)
+  after the gateways drained.
 - **Metrics across workers.** Each worker labels its series ``worker="<slot>"`` and spools
   them to a directory; a scrape on any worker merges every worker's series and the
   supervisor's own (``livecount_worker_restarts_total``, ``livecount_worker_recycles_total``
@@ -37,7 +41,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -102,6 +108,9 @@ class WorkerSpec:
     tune_gc: bool = True
     #: the metrics spool directory (under the supervisor)
     spool: str | None = None
+    #: the command line of a counter worker (``livecount worker …``) and how many to run
+    counter_command: tuple[str, ...] = ()
+    counter_workers: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -283,6 +292,11 @@ class Supervisor(Multiprocess):
         self._retry_recycle_at: dict[int, float] = {}
         self._retiring: list[tuple[Worker, float]] = []
         self._rolling: deque[int] = deque()
+        #: counter worker processes by slot, when they die and when they may come back
+        self.counters: list[subprocess.Popen[bytes] | None] = []
+        self._counter_born: dict[int, float] = {}
+        self._counter_restart_at: dict[int, float] = {}
+        self._counter_backoff: dict[int, float] = {}
 
     @property
     def spool(self) -> Path | None:
@@ -297,7 +311,54 @@ class Supervisor(Multiprocess):
         return worker
 
     def init_processes(self) -> None:
+        self.counters = [self._spawn_counter(slot)
+                         for slot in range(self.spec.counter_workers)]
         self.workers = [self._spawn(slot) for slot in range(self.processes_num)]
+
+    def _spawn_counter(self, slot: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(self.spec.counter_command)
+        self._counter_born[slot] = time.monotonic()
+        log.info("started counter worker %d [%s]", slot, process.pid)
+        return process
+
+    def keep_counters_alive(self) -> None:
+        """Restart a counter worker that exited (with backoff if it died young)."""
+        now = time.monotonic()
+        for slot, process in enumerate(self.counters):
+            if process is None:
+                if now >= self._counter_restart_at.get(slot, 0.0):
+                    self.counters[slot] = self._spawn_counter(slot)
+                continue
+            code = process.poll()
+            if code is None:
+                continue
+            self.restarts += 1
+            delay = 0.0
+            if now - self._counter_born.get(slot, 0.0) < YOUNG:
+                delay = min(BACKOFF_MAX,
+                            self._counter_backoff.get(slot, BACKOFF_FIRST / 2) * 2)
+            self._counter_backoff[slot] = delay or BACKOFF_FIRST / 2
+            log.warning("counter worker %d [%s] exited with status %s; restarting it in "
+                        "%.1f s", slot, process.pid, code, delay)
+            self.counters[slot] = None
+            self._counter_restart_at[slot] = now + delay
+
+    def stop_counters(self) -> None:
+        """SIGTERM every counter worker (they give their leases back) and wait for them."""
+        running = [p for p in self.counters if p is not None]
+        for process in running:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15.0
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("counter worker [%s] did not stop in time; killing it",
+                            process.pid)
+                process.kill()
+                process.wait()
+        self.counters = []
 
     def run(self) -> None:
         log.info("Started livecount supervisor [%d] with %d workers", os.getpid(),
@@ -310,10 +371,12 @@ class Supervisor(Multiprocess):
                 break
             self.tick()
         self.drain_all()
+        self.stop_counters()
         log.info("Stopping livecount supervisor [%d]", os.getpid())
 
     def tick(self) -> None:
         self.keep_subprocess_alive()
+        self.keep_counters_alive()
         self.advance_recycle()
         self.reap_retiring()
         self.write_metrics()

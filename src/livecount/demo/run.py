@@ -338,11 +338,13 @@ class StatusBoard:
             self._samples.popleft()
         first_at, first = self._samples[0]
         rate = (changes - first) / (now - first_at) if now > first_at else 0.0
+        relay = self.service.relay
+        assert relay is not None  # the demo runs the embedded shape: it counts
         try:
-            lag: int | None = await self.service.relay.lag()
+            lag: int | None = await relay.lag()
         except LivecountError:  # the store is closing
             lag = None
-        return Status(now - self.started, changes, rate, self.service.relay.entries_applied,
+        return Status(now - self.started, changes, rate, relay.entries_applied,
                       lag, self._connections(), self._process.memory_info().rss)
 
     def _connections(self) -> int | None:

@@ -148,13 +148,8 @@ async def reconcile(request: Request) -> Response:
     service = service_of(request)
     workspace_id = _ws(request)
     await service.store.get_workspace(workspace_id)  # 404 for a workspace that is not there
-    result = await service.relay.reconcile(workspace_id)
-    drift = [{"view": view, "group": group, "teammate": teammate, "state": state, "sql": sql}
-             for (view, group, teammate), (state, sql) in sorted(
-                 result.values.items(), key=lambda item: (item[0][0], str(item[0][1]),
-                                                          item[0][2] or 0))]
-    return JSONResponse({"position": result.position, "views_checked": result.views_checked,
-                         "drift": drift, "repaired": result.repaired})
+    # run by the process that counts the workspace (this one, or its owner's worker)
+    return JSONResponse(await service.reconcile(workspace_id))
 
 
 def route(path: str, **handlers: Endpoint) -> Route:

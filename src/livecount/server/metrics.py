@@ -71,6 +71,10 @@ _LIVE: Final[dict[str, tuple[str, str]]] = {
     "livecount_poison_entries": ("counter", "Outbox entries that could not be applied: "
                                  "recorded, skipped, their workspace recounted."),
     "livecount_reopens_written": ("counter", "Snoozed conversations reopened by the relay."),
+    "livecount_shards_owned": ("gauge", "Shards of workspaces this counter worker holds a "
+                                        "lease on (shared counter state only)."),
+    "livecount_leases_lost": ("counter", "Leases this counter worker lost: not renewed in "
+                                         "time, or taken over (a write was fenced)."),
     "livecount_outbox_pruned": ("counter", "Applied outbox entries pruned after the "
                                 "retention."),
     "livecount_schedule_entries": ("gauge", "Pending time-driven entries (flips and "
@@ -209,14 +213,6 @@ class Metrics:
             "livecount_stream_connections": connections,
             "livecount_stream_opened": getattr(gateway, "opened", 0),
             "livecount_stream_slow_clients": getattr(gateway, "slow_clients", 0),
-            "livecount_relay_entries_applied": relay.entries_applied,
-            "livecount_relay_errors": relay.errors,
-            "livecount_drift_repaired": relay.drift_repaired,
-            "livecount_reconciles": relay.reconciles,
-            "livecount_poison_entries": relay.poison_entries,
-            "livecount_reopens_written": relay.reopens_written,
-            "livecount_outbox_pruned": relay.outbox_pruned,
-            "livecount_schedule_entries": relay.scheduled,
             "livecount_process_threads": self._process.num_threads(),
             "livecount_process_resident_memory_bytes": rss,
             "livecount_process_open_fds": self._process.num_fds(),
@@ -228,12 +224,28 @@ class Metrics:
             "livecount_memory_hard_watermark_bytes": hard,
             "livecount_memory_watermark_state": int(state),
         }
+        if relay is not None:  # a process that counts (a gateway does not)
+            values.update({
+                "livecount_relay_entries_applied": relay.entries_applied,
+                "livecount_relay_errors": relay.errors,
+                "livecount_drift_repaired": relay.drift_repaired,
+                "livecount_reconciles": relay.reconciles,
+                "livecount_poison_entries": relay.poison_entries,
+                "livecount_reopens_written": relay.reopens_written,
+                "livecount_outbox_pruned": relay.outbox_pruned,
+                "livecount_schedule_entries": relay.scheduled,
+            })
+        if (leases := service.leases) is not None:
+            values["livecount_shards_owned"] = len(leases.held)
+            values["livecount_leases_lost"] = leases.lost_leases
         if admission is not None:
             values["livecount_stream_connections_limit"] = admission.max_streams
             self._live.refused = dict(admission.refused)
         self._live.delivery = getattr(gateway, "delivery", None)
         # the store is down: the lag is unknown, the rest still reports
         with contextlib.suppress(Exception):
+            if relay is None:
+                raise LookupError("no relay in this process")
             values["livecount_outbox_lag_entries"] = await relay.lag()
             values["livecount_outbox_lag_seconds"] = await _outbox_lag_seconds(relay)
         self._live.values = values

@@ -5,10 +5,11 @@ process: see :mod:`livecount.state.redis` for the key layout and the URL's optio
 from __future__ import annotations
 
 from ..exceptions import ValidationError
-from .base import CounterState, StateConflict, StateSnapshot, Update
+from .base import CounterState, StateConflict, StateFenced, StateSnapshot, Update
 from .memory import MemoryState
 
-__all__ = ["CounterState", "MemoryState", "StateConflict", "StateSnapshot", "Update", "open_state"]
+__all__ = ["CounterState", "MemoryState", "StateConflict", "StateFenced", "StateSnapshot", "Update",
+           "open_state"]
 
 
 def open_state(url: str = "memory://") -> CounterState:

@@ -10,6 +10,12 @@ Every change is atomic and carries what makes it safe to retry:
   :class:`StateConflict`.
 - ``replace`` and ``assign`` set values instead of adding them, so repeating one is harmless.
 
+**Fencing.** Every write carries the ``fence`` of the lease under which its writer owns the
+workspace (:mod:`livecount.leases`; 0 when one process owns everything). The state keeps the
+highest fence it has seen per workspace and refuses a write with a lower one
+(:class:`StateFenced`): a worker that lost its lease while paused (a GC pause, a stopped VM)
+cannot overwrite what the new owner wrote, not even with a recount (``replace``).
+
 The **epoch** names the incarnation of the stored counters: seqs compare only within one
 epoch. A backend that loses its data (a restart of a memory state, a flushed Redis) starts a
 new epoch, so a client can never mix seqs of two numberings.
@@ -25,7 +31,7 @@ import msgspec
 from ..exceptions import LivecountError
 from ..store.base import Counts, View
 
-__all__ = ["CounterState", "StateConflict", "StateSnapshot", "Update"]
+__all__ = ["CounterState", "StateConflict", "StateFenced", "StateSnapshot", "Update"]
 
 
 class StateSnapshot(msgspec.Struct, frozen=True):
@@ -63,6 +69,17 @@ class StateConflict(LivecountError):
         self.stored = stored
 
 
+class StateFenced(StateConflict):
+    """A write carried a lower fence than one the workspace's state has seen: another worker
+    has taken the workspace over. The caller no longer owns it and must stop writing it."""
+
+    def __init__(self, workspace_id: int, fence: int, stored: int) -> None:
+        LivecountError.__init__(self, f"counter state of workspace {workspace_id} is fenced: "
+                                f"a write with fence {fence}, the state has seen {stored}")
+        self.stored = stored
+        self.fence = fence
+
+
 class CounterState(Protocol):
     """Counters updated atomically together with the outbox position they reflect, so a
     restart resumes from that position exactly."""
@@ -72,16 +89,17 @@ class CounterState(Protocol):
         ...
 
     async def apply(self, workspace_id: int, deltas: Counts, position: int,
-                    expect: int) -> Update:
+                    expect: int, *, fence: int = 0) -> Update:
         """Add ``deltas`` and record ``position``, atomically, if the stored position is
         ``expect``. If it is already ``position`` (and ``position != expect``): a duplicate,
         nothing changes. Else :class:`StateConflict`. The seq advances when a counter
-        changed."""
+        changed. Every write raises :class:`StateFenced` when ``fence`` is lower than a
+        fence the workspace has seen, and records it when higher."""
         ...
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None, *,
-                      views: Sequence[View]) -> Update:
+                      views: Sequence[View], fence: int = 0) -> Update:
         """Set the counters of ``view_ids`` (all when None) to ``counts``, what a recount
         found, record ``position`` and the workspace's ``views`` (all of them, as counted
         from now on), atomically. Counters of those views absent from ``counts`` become 0.
@@ -89,7 +107,7 @@ class CounterState(Protocol):
         which a client resuming from an earlier seq must learn about."""
         ...
 
-    async def assign(self, workspace_id: int, values: Counts) -> Update:
+    async def assign(self, workspace_id: int, values: Counts, *, fence: int = 0) -> Update:
         """Set each counter of ``values`` (0 removes it): a reconcile's repair. The position
         is unchanged; the seq advances when a counter changed."""
         ...

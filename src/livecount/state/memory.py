@@ -6,19 +6,20 @@ import secrets
 from collections.abc import Iterable, Sequence
 
 from ..store.base import Counts, View
-from .base import StateConflict, StateSnapshot, Update
+from .base import StateConflict, StateFenced, StateSnapshot, Update
 
 __all__ = ["MemoryState"]
 
 
 class _Workspace:
-    __slots__ = ("counts", "position", "seq", "views")
+    __slots__ = ("counts", "fence", "position", "seq", "views")
 
     def __init__(self) -> None:
         self.counts: Counts = {}
         self.seq = 0
         self.position = 0
         self.views: list[View] = []
+        self.fence = 0
 
 
 class MemoryState:
@@ -38,12 +39,19 @@ class MemoryState:
             ws = self._workspaces[workspace_id] = _Workspace()
         return ws
 
+    def _fenced(self, workspace_id: int, fence: int) -> _Workspace:
+        ws = self._get(workspace_id)
+        if fence < ws.fence:
+            raise StateFenced(workspace_id, fence, ws.fence)
+        ws.fence = fence
+        return ws
+
     async def load(self, workspace_id: int) -> StateSnapshot | None:
         return None
 
     async def apply(self, workspace_id: int, deltas: Counts, position: int,
-                    expect: int) -> Update:
-        ws = self._get(workspace_id)
+                    expect: int, *, fence: int = 0) -> Update:
+        ws = self._fenced(workspace_id, fence)
         if ws.position != expect:
             if ws.position == position:
                 return Update(self.epoch, ws.seq, {}, duplicate=True)
@@ -64,8 +72,8 @@ class MemoryState:
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None, *,
-                      views: Sequence[View]) -> Update:
-        ws = self._get(workspace_id)
+                      views: Sequence[View], fence: int = 0) -> Update:
+        ws = self._fenced(workspace_id, fence)
         ws.views = list(views)
         scope = None if view_ids is None else set(view_ids)
         changed: Counts = {}
@@ -82,8 +90,8 @@ class MemoryState:
         ws.position = position
         return self._commit(ws, changed, bump=True)
 
-    async def assign(self, workspace_id: int, values: Counts) -> Update:
-        ws = self._get(workspace_id)
+    async def assign(self, workspace_id: int, values: Counts, *, fence: int = 0) -> Update:
+        ws = self._fenced(workspace_id, fence)
         changed: Counts = {}
         for key, value in values.items():
             if ws.counts.get(key, 0) == value:

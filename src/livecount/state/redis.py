@@ -10,6 +10,7 @@ live in one slot and each script below touches one slot only::
         _pos         outbox position the counters reflect (absent: never counted in this
                      epoch; position 0)
         _views       the views counted, a JSON list of View
+        _fence       the highest lease fence a write carried (livecount.leases)
         <v>:<t>:     one field per non-zero counter → its value: view id, teammate id
         <v>:<t>:=<g> (empty for the base count) and, for a grouped view, ``=`` + the
                      group's text (UTF-8, any Unicode, ``:`` included)
@@ -65,11 +66,11 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..exceptions import Unavailable, ValidationError
 from ..store.base import Counts, View
-from .base import StateConflict, StateSnapshot, Update
+from .base import StateConflict, StateFenced, StateSnapshot, Update
 
 __all__ = ["RedisOptions", "RedisState", "parse_redis_url", "redis_client"]
 
@@ -170,6 +171,19 @@ def unavailable(what: str) -> Iterator[None]:
         raise asyncio.CancelledError(f"cancelled during Redis {what}")
 
 
+@contextlib.contextmanager
+def fenced(workspace_id: int, fence: int) -> Iterator[None]:
+    """A script's ``FENCED <seen>`` error reply becomes :class:`StateFenced` (inside
+    :func:`unavailable`, so it is not taken for a Redis failure)."""
+    try:
+        yield
+    except ResponseError as exc:
+        text = str(exc)
+        if text.startswith("FENCED "):
+            raise StateFenced(workspace_id, fence, int(text.split()[1])) from None
+        raise
+
+
 # -- counter keys as hash fields ----------------------------------------------------------------
 
 def encode_counter(key: tuple[int, str | None, int | None]) -> bytes:
@@ -193,11 +207,17 @@ _decode_views = msgspec.json.Decoder(list[View]).decode
 # -- the scripts ----------------------------------------------------------------------------------
 #
 # Each takes KEYS[1] = the workspace's state hash and, as its first argument after the
-# operation's own, a fresh random epoch used only when the hash holds none. Positions and
-# values travel as decimal strings and are compared as strings (exact, no Lua doubles).
+# operation's own, a fresh random epoch used only when the hash holds none. The writes take
+# the writer's fence as their LAST argument, checked first (``_fence``: the highest seen).
+# Positions and values travel as decimal strings and are compared as strings (exact, no Lua
+# doubles).
 
 _APPLY: Final = """
 local h = KEYS[1]
+local fence = tonumber(ARGV[#ARGV])
+local seen = tonumber(redis.call('HGET', h, '_fence') or '0')
+if fence < seen then return redis.error_reply('FENCED ' .. seen) end
+if fence > seen then redis.call('HSET', h, '_fence', ARGV[#ARGV]) end
 local meta = redis.call('HMGET', h, '_epoch', '_seq', '_pos')
 local epoch = meta[1]
 if not epoch then
@@ -211,18 +231,22 @@ if pos ~= ARGV[1] then
   return {epoch, seq, 2, pos}
 end
 local out = {epoch, seq, 0}
-for i = 4, #ARGV, 2 do
+for i = 4, #ARGV - 1, 2 do
   local value = redis.call('HINCRBY', h, ARGV[i], ARGV[i + 1])
   if value == 0 then redis.call('HDEL', h, ARGV[i]) end
   out[#out + 1] = value
 end
 redis.call('HSET', h, '_pos', ARGV[2])
-if #ARGV >= 4 then out[2] = redis.call('HINCRBY', h, '_seq', 1) end
+if #ARGV >= 5 then out[2] = redis.call('HINCRBY', h, '_seq', 1) end
 return out
 """
 
 _REPLACE: Final = """
 local h = KEYS[1]
+local fence = tonumber(ARGV[#ARGV])
+local seen = tonumber(redis.call('HGET', h, '_fence') or '0')
+if fence < seen then return redis.error_reply('FENCED ' .. seen) end
+if fence > seen then redis.call('HSET', h, '_fence', ARGV[#ARGV]) end
 local epoch = redis.call('HGET', h, '_epoch')
 if not epoch then
   epoch = ARGV[2]
@@ -234,7 +258,7 @@ local n = tonumber(ARGV[5])
 local scope = {}
 for i = 6, 5 + n do scope[ARGV[i]] = true end
 local new = {}
-for i = 6 + n, #ARGV, 2 do new[ARGV[i]] = true end
+for i = 6 + n, #ARGV - 1, 2 do new[ARGV[i]] = true end
 local changed = {}
 for _, field in ipairs(redis.call('HKEYS', h)) do
   local view = string.match(field, '^(%d+):')
@@ -244,7 +268,7 @@ for _, field in ipairs(redis.call('HKEYS', h)) do
     changed[#changed + 1] = '0'
   end
 end
-for i = 6 + n, #ARGV, 2 do
+for i = 6 + n, #ARGV - 1, 2 do
   if redis.call('HGET', h, ARGV[i]) ~= ARGV[i + 1] then
     redis.call('HSET', h, ARGV[i], ARGV[i + 1])
     changed[#changed + 1] = ARGV[i]
@@ -259,6 +283,10 @@ return cmsgpack.pack({epoch, seq, changed})
 
 _ASSIGN: Final = """
 local h = KEYS[1]
+local fence = tonumber(ARGV[#ARGV])
+local seen = tonumber(redis.call('HGET', h, '_fence') or '0')
+if fence < seen then return redis.error_reply('FENCED ' .. seen) end
+if fence > seen then redis.call('HSET', h, '_fence', ARGV[#ARGV]) end
 local meta = redis.call('HMGET', h, '_epoch', '_seq')
 local epoch = meta[1]
 if not epoch then
@@ -266,7 +294,7 @@ if not epoch then
   redis.call('HSET', h, '_epoch', epoch)
 end
 local out = {epoch, tonumber(meta[2]) or 0}
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV - 1, 2 do
   local current = redis.call('HGET', h, ARGV[i]) or '0'
   if current ~= ARGV[i + 1] then
     if ARGV[i + 1] == '0' then
@@ -318,12 +346,13 @@ class RedisState:
         return _snapshot(fields) if "_pos" in fields else None
 
     async def apply(self, workspace_id: int, deltas: Counts, position: int,
-                    expect: int) -> Update:
+                    expect: int, *, fence: int = 0) -> Update:
         keys = [k for k, delta in deltas.items() if delta]
         args: list[bytes | str | int] = [str(expect), str(position), secrets.token_hex(8)]
         for key in keys:
             args += (encode_counter(key), str(deltas[key]))
-        with unavailable("apply"):
+        args.append(str(fence))
+        with unavailable("apply"), fenced(workspace_id, fence):
             reply = await self._apply(keys=[self.key(workspace_id)], args=args)
         epoch, seq, status = reply[0].decode(), int(reply[1]), reply[2]
         if status == 1:
@@ -335,7 +364,7 @@ class RedisState:
 
     async def replace(self, workspace_id: int, counts: Counts, position: int,
                       view_ids: Iterable[int] | None = None, *,
-                      views: Sequence[View]) -> Update:
+                      views: Sequence[View], fence: int = 0) -> Update:
         scope = None if view_ids is None else {int(v) for v in view_ids}
         args: list[bytes | str | int] = [str(position), secrets.token_hex(8),
                                          _encode_views(list(views)),
@@ -345,18 +374,20 @@ class RedisState:
         for key, value in counts.items():
             if value and (scope is None or key[0] in scope):
                 args += (encode_counter(key), str(value))
-        with unavailable("replace"):
+        args.append(str(fence))
+        with unavailable("replace"), fenced(workspace_id, fence):
             epoch, seq, pairs = _decode_replaced(
                 await self._replace(keys=[self.key(workspace_id)], args=args))
         changed = {decode_counter(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
         return Update(epoch, seq, changed)
 
-    async def assign(self, workspace_id: int, values: Counts) -> Update:
+    async def assign(self, workspace_id: int, values: Counts, *, fence: int = 0) -> Update:
         keys = list(values)
         args: list[bytes | str | int] = [secrets.token_hex(8)]
         for key in keys:
             args += (encode_counter(key), str(values[key]))
-        with unavailable("assign"):
+        args.append(str(fence))
+        with unavailable("assign"), fenced(workspace_id, fence):
             reply = await self._assign(keys=[self.key(workspace_id)], args=args)
         return Update(reply[0].decode(), int(reply[1]),
                       {keys[i]: values[keys[i]] for i in reply[2:]})
