@@ -27,12 +27,13 @@ from starlette.routing import Route
 from .server.metrics import Metrics
 from .service import Service, Settings
 
-__all__ = ["run_worker"]
+__all__ = ["health_app", "run_worker"]
 
 log = logging.getLogger("livecount.worker")
 
 
-def _health_app(service: Service) -> Starlette:
+def health_app(service: Service) -> Starlette:
+    """`GET /healthz` (the relay task runs) and `GET /metrics` of a counter worker."""
     metrics = Metrics()
 
     async def healthz(request: Request) -> Response:
@@ -65,7 +66,7 @@ async def _run(settings: Settings, host: str, port: int | None) -> None:
         log.info("counter worker %s started (holds %d shards)",
                  leases.worker_id if leases else "-", len(leases.held) if leases else 0)
         if port is not None:
-            config = uvicorn.Config(_health_app(service), host=host, port=port,
+            config = uvicorn.Config(health_app(service), host=host, port=port,
                                     log_level="warning", lifespan="off")
             server = uvicorn.Server(config)
             # _serve: serve() would take SIGTERM/SIGINT over from the handlers above

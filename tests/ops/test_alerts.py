@@ -9,12 +9,16 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
+from livecount.service import Service, Settings
 from livecount.supervisor import render_families, supervisor_families
+from livecount.worker import health_app
 from tests.server.stream_support import StreamClient, stream_server, stream_settings
 from tests.server.support import create_tenant
+from tests.state.redis_support import delete_prefix, prefix_of, scratch_url
 
 from .support import DEPLOY, promtool
 
@@ -111,8 +115,36 @@ async def test_rules_and_dashboard_use_series_livecount_exposes(tmp_path: Path) 
                                                      recycles=Counter(), failures=0)).decode()
     exposed = set(_METRIC.findall(text)) | set(_METRIC.findall(supervisor))
     for where, names in _names_used().items():
-        unknown = names - exposed
+        unknown = names - exposed - WORKER_ONLY
         assert not unknown, f"the {where} use series livecount does not expose: {unknown}"
+
+
+#: Series only a process that counts under leases exposes (a shared Redis counter state).
+WORKER_ONLY = {"livecount_shards", "livecount_shards_owned", "livecount_leases_lost_total"}
+
+
+@pytest.mark.redis
+async def test_worker_only_series_are_exposed_by_a_real_counter_worker(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The series the lease rules use, scraped from a counter worker's /metrics (a real
+    Service in the worker role on Redis, serving its health app)."""
+    url = scratch_url(request.config)
+    service = Service(Settings(store_url=f"sqlite:///{tmp_path}/w.db", broker_url=url,
+                               role="worker", reconcile_every=None, lease_ttl=5, shards=8))
+    await service.start()
+    try:
+        transport = httpx.ASGITransport(app=health_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://w") as http:
+            assert (await http.get("/healthz")).status_code == 200
+            text = (await http.get("/metrics")).text
+    finally:
+        await service.stop()
+        delete_prefix(prefix_of(url))
+    exposed = set(_METRIC.findall(text))
+    assert exposed >= WORKER_ONLY, WORKER_ONLY - exposed
+    assert "livecount_shards_owned 8.0" in text  # the only worker holds every shard
+    used = set().union(*_names_used().values())
+    assert used >= WORKER_ONLY  # each is used by a rule (else drop it from the list)
 
 
 def test_dashboard_is_a_grafana_dashboard() -> None:

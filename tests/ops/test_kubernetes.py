@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from livecount.cli import build_parser
 from livecount.memory import MemoryLimit, resolve_watermarks
 
 from .support import DEPLOY, missing, promtool
@@ -30,6 +31,12 @@ def documents() -> list[tuple[Path, dict[str, Any]]]:
 
 def by_kind(kind: str) -> list[dict[str, Any]]:
     return [doc for _, doc in documents() if doc["kind"] == kind]
+
+
+def deployment(component: str) -> dict[str, Any]:
+    (found,) = [doc for doc in by_kind("Deployment")
+                if doc["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return found
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -55,11 +62,11 @@ def test_validation_catches_a_broken_manifest() -> None:
         import kubernetes_validate
     except ImportError:
         missing("kubernetes-validate", "pip install -e '.[dev]'")
-    (deployment,) = by_kind("Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
+    gateway = deployment("gateway")
+    gateway["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
         "port"] = {"not": "a port"}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+        kubernetes_validate.validate(gateway, VERSIONS[-1], strict=True)
 
 
 def _flag(args: list[str], name: str) -> str:
@@ -70,13 +77,15 @@ def _flag(args: list[str], name: str) -> str:
 
 
 def test_the_gateway_deployment_fits_livecount() -> None:
-    (deployment,) = by_kind("Deployment")
-    spec = deployment["spec"]["template"]["spec"]
+    spec = deployment("gateway")["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     args = container["args"]
     assert args[0] == "serve"
     workers = int(_flag(args, "workers"))
     assert workers >= 2 and not _flag(args, "broker").startswith("memory:")
+    # the gateways only serve: the worker Deployment counts
+    assert _flag(args, "counter-workers") == "0"
+    build_parser().parse_args(args)  # every flag exists
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # preStop: wait, SIGTERM the supervisor (PID 1: it drains every worker), wait for it
@@ -99,18 +108,35 @@ def test_the_gateway_deployment_fits_livecount() -> None:
     assert memory["resource"]["target"]["averageUtilization"] / 100 * limit / workers < marks.soft
 
 
+def test_the_worker_deployment_fits_livecount() -> None:
+    spec = deployment("worker")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = container["args"]
+    assert args[0] == "worker"
+    assert _flag(args, "broker") == "$(LIVECOUNT_BROKER)"
+    parsed = build_parser().parse_args(args)
+    (port,) = container["ports"]
+    assert port["containerPort"] == parsed.port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    # SIGTERM gives the leases back: the grace period must let it
+    assert spec["terminationGracePeriodSeconds"] >= 15
+
+
 def test_hpa_pdb_and_service_select_the_gateways() -> None:
-    (deployment,) = by_kind("Deployment")
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    gateway = deployment("gateway")
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert gateway["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    worker_labels = deployment("worker")["spec"]["template"]["metadata"]["labels"]
     (hpa,) = by_kind("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
     pods = next(m for m in hpa["spec"]["metrics"] if m["type"] == "Pods")
     assert pods["pods"]["metric"]["name"] == "livecount_stream_connections"
     (pdb,) = by_kind("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (service,) = by_kind("Service")
     assert service["spec"]["selector"].items() <= labels.items()
+    # the Service never sends clients to a counter worker (it serves no API)
+    assert not service["spec"]["selector"].items() <= worker_labels.items()
 
 
 def test_prometheus_config_loads_the_rules() -> None:

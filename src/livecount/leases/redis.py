@@ -4,8 +4,9 @@ Keys (``P`` the broker URL's prefix; the hash tag ``{leases}`` keeps them in one
 so each script below touches one slot)::
 
     P{leases}:shard:<n>   STRING "<worker id> <fence>", with an expiry of ``ttl``: the lease
-    P{leases}:fence       INTEGER, the last fence handed out (INCR: every new lease's fence
-                          is higher than every earlier one's, of any shard)
+    P{leases}:fence       INTEGER, the last fence handed out (INCR, and at least the time
+                          in ms: every new lease's fence is higher than every earlier one's,
+                          of any shard, even across a loss of Redis's data)
     P{leases}:workers     ZSET worker id → expiry (ms, Redis's clock): who is alive
     P{leases}:positions   HASH worker id → the outbox position it has reached
     P{leases}:calls:<id>  LIST of requests to worker <id> (an admin's reconcile through any
@@ -83,14 +84,23 @@ return out
 """
 
 # KEYS: the fence counter, then candidate shards' keys. ARGV: id, ttl ms, how many to take.
-# Returns {index, fence, index, fence, ...} of the leases taken.
+# Returns {index, fence, index, fence, ...} of the leases taken. A fence is at least Redis's
+# clock in milliseconds: if Redis loses its data (the counter, the leases and the states'
+# ``_fence`` together), the fences it hands out next are still higher than any handed out
+# before, so a worker holding an old one cannot fence the new owner out.
 _ACQUIRE: Final = """
 local out = {}
 local want = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #KEYS do
   if #out >= 2 * want then break end
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local fence = redis.call('INCR', KEYS[1])
+    if fence < now then
+      fence = now
+      redis.call('SET', KEYS[1], fence)
+    end
     redis.call('SET', KEYS[i], ARGV[1] .. ' ' .. fence, 'PX', ARGV[2])
     out[#out + 1] = i - 1
     out[#out + 1] = fence

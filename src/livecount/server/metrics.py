@@ -71,6 +71,8 @@ _LIVE: Final[dict[str, tuple[str, str]]] = {
     "livecount_poison_entries": ("counter", "Outbox entries that could not be applied: "
                                  "recorded, skipped, their workspace recounted."),
     "livecount_reopens_written": ("counter", "Snoozed conversations reopened by the relay."),
+    "livecount_shards": ("gauge", "Shards the workspaces are split into between counter "
+                                  "workers (shared counter state only)."),
     "livecount_shards_owned": ("gauge", "Shards of workspaces this counter worker holds a "
                                         "lease on (shared counter state only)."),
     "livecount_leases_lost": ("counter", "Leases this counter worker lost: not renewed in "
@@ -236,6 +238,7 @@ class Metrics:
                 "livecount_schedule_entries": relay.scheduled,
             })
         if (leases := service.leases) is not None:
+            values["livecount_shards"] = leases.shards
             values["livecount_shards_owned"] = len(leases.held)
             values["livecount_leases_lost"] = leases.lost_leases
         if admission is not None:
