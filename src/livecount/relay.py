@@ -80,7 +80,6 @@ def _accumulate(counts: Counts, deltas: Iterable[Delta]) -> None:
             counts.pop(key, None)
 
 
-@dataclass
 class _NotOwned(LivecountError):
     """The relay does not own the workspace (any more): it must not write it."""
 
@@ -471,7 +470,11 @@ class Relay:
                 if self.ownership.fence(workspace_id) is None:
                     self._drop(workspace_id)
                     continue
-                await self._build(workspace_id)
+                try:
+                    await self._build(workspace_id)
+                except (StateFenced, _NotOwned):  # taken over meanwhile: not ours to count
+                    self.ownership.lost(workspace_id)
+                    self._drop(workspace_id)
             entries = await self.store.read_outbox(self.position, self.batch_size)
             groups: dict[int, list[OutboxEntry]] = {}
             for entry in entries:
@@ -969,6 +972,11 @@ class Relay:
                     update = await self.state.assign(
                         workspace_id, {key: sql for key, (_, sql) in values.items()},
                         fence=self._fence(workspace_id))
+                except (StateFenced, _NotOwned):
+                    self.ownership.lost(workspace_id)  # taken over: the next step forgets it
+                    self._wake.set()
+                    raise Unavailable(f"workspace {workspace_id} was taken over by another "
+                                      "counter worker; retry", retry_after=1) from None
                 except Exception:
                     self._lost(workspace_id)  # landed or not, unknown: recount to be sure
                     raise

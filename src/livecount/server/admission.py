@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import bearer_token
 from .errors import error_response
 
-__all__ = ["READY_FRACTION", "Admission", "AdmissionMiddleware", "default_max_streams"]
+__all__ = ["READY_FRACTION", "SLOT", "Admission", "AdmissionMiddleware", "Slot",
+           "default_max_streams"]
 
 #: Readiness turns false once this fraction of the process cap is in use.
 READY_FRACTION: Final = 0.9
@@ -37,6 +38,9 @@ READY_FRACTION: Final = 0.9
 RETRY_PROCESS: Final = 2
 RETRY_TOKEN: Final = 5
 _SSE_PATH: Final = re.compile(r"/api/workspaces/[^/]+/stream/?")
+#: The scope key of a stream's :class:`Slot` (a connection that outlives its ASGI call keeps
+#: it, and gives it back when it ends).
+SLOT: Final = "livecount.admission"
 
 
 def default_max_streams() -> int:
@@ -88,6 +92,28 @@ class Admission:
                 del self.by_token[key]
 
 
+class Slot:
+    """One admitted stream's place under the caps; given back once, by whoever ends it."""
+
+    __slots__ = ("admission", "kept", "key", "released")
+
+    def __init__(self, admission: Admission, key: bytes | None) -> None:
+        self.admission = admission
+        self.key = key
+        self.kept = False
+        self.released = False
+
+    def keep(self) -> None:
+        """The connection goes on after its ASGI call (a detached WebSocket): whoever keeps
+        it calls :meth:`release` when it ends."""
+        self.kept = True
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission.release(self.key)
+
+
 def is_stream(scope: Scope) -> bool:
     if scope["type"] == "websocket":
         return True
@@ -110,10 +136,12 @@ class AdmissionMiddleware:
         if refused is not None:
             await _refuse(scope, receive, send, refused, self.admission)
             return
+        slot = scope[SLOT] = Slot(self.admission, key)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.admission.release(key)
+            if not slot.kept:
+                slot.release()
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, cap: str,

@@ -60,7 +60,7 @@ from .auth import bearer_token
 from .hub import Hub, Payload, Stream
 from .metrics import LagHistogram
 
-__all__ = ["CLOSE_DRAIN", "CLOSE_SLOW", "Gateway", "uvicorn_options"]
+__all__ = ["CLOSE_DRAIN", "CLOSE_SLOW", "Gateway", "Resume", "uvicorn_options"]
 
 log = logging.getLogger("livecount.gateway")
 
@@ -82,12 +82,13 @@ Resume = tuple[str | None, int]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """The uvicorn settings the gateway relies on: the sans-I/O ``websockets`` protocol
-    (it applies back-pressure to sends, which slow-client detection needs), protocol pings
+    """The uvicorn settings the gateway relies on: the sans-I/O ``websockets`` protocol,
+    detachable so the hub writes to it directly (:mod:`.direct`; it applies back-pressure,
+    which slow-client detection needs), protocol pings
     every ``heartbeat_interval``, no compression (it costs ~100 KiB per connection), and
     small incoming messages (clients have nothing to send)."""
     return {
-        "ws": "websockets-sansio",
+        "ws": "livecount.server.direct:DirectProtocol",
         "ws_ping_interval": settings.heartbeat_interval,
         "ws_ping_timeout": settings.heartbeat_interval,
         "ws_per_message_deflate": False,
@@ -290,7 +291,7 @@ class Gateway:
             stream.scope = tg.cancel_scope
             tg.start_soon(self._read, stream, read)
             try:
-                await self._begin(stream, resume, after)
+                await self.begin(stream, resume, after)
                 await stream.pump()
             except OSError:  # the transport is gone (uvicorn's ClientDisconnected)
                 stream.outcome = stream.outcome or "disconnected"
@@ -305,8 +306,8 @@ class Gateway:
         if stream.scope is not None:
             stream.scope.cancel()
 
-    async def _begin(self, stream: Stream, resume: Resume | None,
-                     after: tuple[str, int] | None) -> None:
+    async def begin(self, stream: Stream, resume: Resume | None,
+                    after: tuple[str, int] | None) -> None:
         """Snapshot, or resume from ``resume`` with one merged delta when the bus allows."""
         hub = stream.hub
         if hub is None:

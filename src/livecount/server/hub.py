@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
@@ -55,7 +56,7 @@ class Payload:
     most once per payload however many connections send it.
     """
 
-    __slots__ = ("_sse", "_text", "body", "event_id", "retry")
+    __slots__ = ("_frame", "_sse", "_text", "body", "event_id", "retry")
 
     def __init__(self, message: dict[str, Any], event_id: str | None = None,
                  retry: int | None = None) -> None:
@@ -64,12 +65,29 @@ class Payload:
         self.retry = retry  # the SSE ``retry:`` (reconnect)
         self._text: str | None = None
         self._sse: bytes | None = None
+        self._frame: bytes | None = None
 
     @property
     def text(self) -> str:
         if self._text is None:
             self._text = self.body.decode()
         return self._text
+
+    @property
+    def frame(self) -> bytes:
+        """The WebSocket text frame carrying it (unmasked: server to client, RFC 6455
+        §5.2), written as is to every connection that sends it."""
+        if self._frame is None:
+            body = self.body
+            n = len(body)
+            if n < 126:
+                head = b"\x81" + bytes((n,))
+            elif n < 1 << 16:
+                head = b"\x81\x7e" + struct.pack("!H", n)
+            else:
+                head = b"\x81\x7f" + struct.pack("!Q", n)
+            self._frame = head + body
+        return self._frame
 
     @property
     def sse(self) -> bytes:
@@ -453,11 +471,12 @@ class Hub:
         touched = self._touched(old, fresh)
         if not touched:
             return
+        # what changed before goes out now, under the views the streams know (a direct
+        # stream writes it at once): no delta about a new view before the view list
+        self.distribute()
         self.views = fresh
         self.views_seq = self.seq
         self._invalidate(views=True)
-        # counters of the change go out now, so no stream holds a delta from before it
-        self.distribute()
         regrouped = {vid for vid in touched if vid in fresh and (
             vid not in old or old[vid].group_by != fresh[vid].group_by)}
         per_teammate: dict[int | None, tuple[bool, list[int]]] = {}
@@ -515,9 +534,9 @@ class Hub:
                 keys = frozenset(k for k in (*base, *mine) if self.shows(k, me))
                 share = shares[me] = _Share(self, me, keys)
             if share.keys:
-                stream.offer(share.keys, share)
                 if received and not stream.lag_since:
-                    stream.lag_since = received
+                    stream.lag_since = received  # (before the offer: a direct stream sends)
+                stream.offer(share.keys, share)
 
     def shows(self, key: CounterKey, me: int | None) -> bool:
         """Whether ``me`` sees counter ``key`` of the current views (with the right shape:

@@ -18,8 +18,10 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from ..exceptions import LivecountError
+from .admission import SLOT, Slot
+from .direct import EXTENSION, DirectStream
 from .errors import error_response
-from .gateway import CLOSE_DRAIN, CLOSE_SLOW, Gateway
+from .gateway import CLOSE_DRAIN, CLOSE_SLOW, Gateway, Resume
 from .hub import Payload, Stream
 
 __all__ = ["WebSocketStream", "WsStream"]
@@ -51,12 +53,18 @@ class WebSocketStream:
             return
         gateway = self.gateway
         workspace_id: int = scope["path_params"]["workspace_id"]
+        direct = scope.get("extensions", {}).get(EXTENSION)
+        stream: Stream
         try:
             teammate, resume, after = await gateway.admit(scope, workspace_id, last_event_id=False)
-            stream = WsStream(teammate, send)
+            stream = (WsStream(teammate, send) if direct is None
+                      else DirectStream(teammate, direct))
             await gateway.join(workspace_id, stream)
         except LivecountError as exc:
             await _deny(scope, receive, send, exc)
+            return
+        if isinstance(stream, DirectStream):
+            await self._detach(scope, send, stream, resume, after)
             return
         try:
             await send({"type": "websocket.accept"})
@@ -70,6 +78,32 @@ class WebSocketStream:
             await _close(send, CLOSE_DRAIN, "server shutting down")
         elif outcome == "slow":
             await _close(send, CLOSE_SLOW, "slow client")
+
+    async def _detach(self, scope: Scope, send: Send, stream: DirectStream,
+                      resume: Resume | None, after: tuple[str, int] | None) -> None:
+        """Accept, decide the first message, then hand the connection to the hub's direct
+        writes (:mod:`.direct`): this ASGI call returns, the connection stays."""
+        gateway = self.gateway
+        slot: Slot | None = scope.get(SLOT)
+        attached = False
+        try:
+            await send({"type": "websocket.accept"})
+            await gateway.begin(stream, resume, after)
+
+            def ended(ended: DirectStream) -> None:
+                gateway.leave(ended)
+                if slot is not None:
+                    slot.release()
+
+            if slot is not None:
+                slot.keep()
+            stream.attach(ended)
+            attached = True
+        except OSError:  # gone during the handshake
+            return
+        finally:
+            if not attached:
+                gateway.leave(stream)
 
 
 async def _until_disconnect(receive: Receive) -> None:

@@ -1,0 +1,218 @@
+"""WebSocket stream connections the hub writes to directly, without a task per connection.
+
+uvicorn runs every WebSocket connection as an ASGI call: a task whose coroutine chain (the
+middleware stack, the route, the endpoint) stays alive as long as the connection. For a
+stream that is pure overhead once the first message is decided: ~30 KiB and a task wake-up per
+connection per tick, against ~14 KiB and a plain ``transport.write`` for
+``websockets.broadcast()``.
+
+:class:`DirectProtocol` is uvicorn's sans-I/O ``websockets`` protocol (handshake, pings,
+close handshake, flow control: all uvicorn's) with one addition: once the stream endpoint has
+accepted the connection and decided what to send first, it **detaches** the connection from
+ASGI (:meth:`DirectProtocol.detach`): the ASGI call returns (its tasks and frames are freed),
+the transport stays open, and from then on the hub writes pre-encoded frames to the transport
+synchronously at each tick, as ``broadcast()`` does — one shared bytes object for every
+connection that sends the same message. What the client sends is discarded; its close frame
+or a lost connection ends the stream through :meth:`~DirectStream.lost`. Under back-pressure
+(the transport paused) the stream keeps what it owes as its usual bounded conflation state
+and flushes it when the transport resumes; one paused for longer than the slow-client timeout
+is cut (the gateway's watchdog).
+
+The endpoint finds the protocol in ``scope["extensions"]["livecount.direct"]``; under another
+WebSocket implementation it is absent and the stream runs its ASGI writer task instead (same
+semantics, more cost).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from .hub import Payload, Stream
+
+__all__ = ["EXTENSION", "DirectProtocol", "DirectStream"]
+
+#: The scope extension under which the endpoint finds the protocol.
+EXTENSION: Final = "livecount.direct"
+#: How long a close frame to a slow client may take before the connection is aborted.
+ABORT_AFTER: Final = 1.0
+
+
+class _Discard:
+    """Stands in for the ASGI receive queue once detached: nobody reads it any more."""
+
+    __slots__ = ()
+
+    def put_nowait(self, item: Any) -> None:
+        pass
+
+
+class _Flag:
+    """Stands in for the ``writable`` event once detached (only ASGI ``send`` awaits it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = True
+
+    def set(self) -> None:
+        self.value = True
+
+    def clear(self) -> None:
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+_DISCARD: Final = _Discard()
+
+
+class DirectProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's ``websockets-sansio`` protocol, detachable from ASGI (see the module)."""
+
+    stream: DirectStream | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][EXTENSION] = self
+
+    def detach(self, stream: DirectStream) -> None:
+        """From now on ``stream`` owns the connection: the ASGI call may return."""
+        self.stream = stream
+        # what only the handshake and the ASGI side needed
+        self.request = self.response = None  # type: ignore[assignment]
+        self.queue = _DISCARD  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
+        self.scope = None  # type: ignore[assignment]
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that a detached connection stays open when the call returns."""
+        try:
+            await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+        if self.stream is None and self.close_timer is None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stream is not None:
+            self.stream.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stream is not None:
+            self.stream.resumed()
+
+    # -- what the stream does -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close_with(self, code: int, reason: str, *, abort_after: float | None = None) -> None:
+        """Send a close frame; close the transport when the client answers, or after the
+        close timeout (``abort_after``: abort, for a client that does not read)."""
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.stop_keepalive()
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if abort_after is not None:
+            self.close_timer = self.loop.call_later(abort_after, self.transport.abort)
+        else:
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+
+class DirectStream(Stream):
+    """A stream written to synchronously by the hub (see the module docstring)."""
+
+    __slots__ = ("_on_end", "_paused", "protocol")
+
+    def __init__(self, teammate: int | None, protocol: DirectProtocol) -> None:
+        super().__init__(teammate)
+        self.protocol = protocol
+        self._paused = False
+        self._on_end: Callable[[DirectStream], None] | None = None
+
+    def attach(self, on_end: Callable[[DirectStream], None]) -> None:
+        """Detach the connection from ASGI and start writing: ``on_end(self)`` once it ends
+        (the client went, was cut, or took its reconnect message and closed)."""
+        self._on_end = on_end
+        self.protocol.detach(self)
+        self._hold = False
+        self.flush()
+
+    async def send(self, payload: Payload) -> None:  # the ASGI writer is not used
+        self.protocol.write(payload.frame)
+
+    def wake(self) -> None:
+        if self._on_end is None:  # not attached yet: the endpoint flushes on attach
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the hub marked, now, while the transport takes it."""
+        protocol = self.protocol
+        since = self.lag_since
+        wrote = False
+        while not self._paused and not protocol.close_sent:
+            payloads = self.take()
+            if not payloads:
+                break
+            for payload in payloads:
+                protocol.write(payload.frame)
+            wrote = True
+            if self.closing is not None and payloads[-1] is self.closing:
+                self.outcome = self.outcome or "drained"
+                protocol.close_with(1012, "server shutting down")
+                break
+        if wrote:
+            self.lag_since = 0.0
+            hub = self.hub
+            if since and hub is not None and hub.delivery is not None:
+                hub.delivery.observe(time.monotonic() - since)
+
+    def paused(self) -> None:
+        self._paused = True
+        self.sending_since = time.monotonic()
+
+    def resumed(self) -> None:
+        self._paused = False
+        self.sending_since = 0.0
+        self.flush()
+
+    def kick(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+        if outcome == "slow":
+            self.protocol.close_with(4000, "slow client", abort_after=ABORT_AFTER)
+        else:
+            self.protocol.close_with(1012, "server shutting down", abort_after=ABORT_AFTER)
+
+    def lost(self) -> None:
+        self.outcome = self.outcome or "disconnected"
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(self)
