@@ -1,4 +1,4 @@
-"""WebSocket stream connections the hub writes to directly, without a task per connection.
+"""Stream connections the hub writes to directly, without a task per connection.
 
 uvicorn runs every WebSocket connection as an ASGI call: a task whose coroutine chain (the
 middleware stack, the route, the endpoint) stays alive as long as the connection. For a
@@ -21,20 +21,31 @@ is cut (the gateway's watchdog).
 The endpoint finds the protocol in ``scope["extensions"]["livecount.direct"]``; under another
 WebSocket implementation it is absent and the stream runs its ASGI writer task instead (same
 semantics, more cost).
+
+**SSE** (:class:`DirectHttpProtocol`, uvicorn's httptools protocol) gets the same writes: the
+endpoint starts the response through ASGI (``Transfer-Encoding: chunked``), then the hub
+writes each event as a pre-encoded chunk to the transport, and the endpoint only awaits the
+end of the stream (a future: no writer or reader task; the end of the response goes out
+through ASGI again). An HTTP response cannot outlive its ASGI call in uvicorn, so an SSE
+connection keeps that one call; heartbeats come from the gateway's watchdog.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .hub import Payload, Stream
+from .hub import Stream
 
-__all__ = ["EXTENSION", "DirectProtocol", "DirectStream"]
+if TYPE_CHECKING:
+    from .sse import DirectSseStream
+
+__all__ = ["EXTENSION", "PING_CHUNK", "DirectHttpProtocol", "DirectProtocol", "DirectStream"]
 
 #: The scope extension under which the endpoint finds the protocol.
 EXTENSION: Final = "livecount.direct"
@@ -164,7 +175,7 @@ class DirectStream(Stream):
         self._hold = False
         self.flush()
 
-    async def send(self, payload: Payload) -> None:  # the ASGI writer is not used
+    async def send(self, payload: Any) -> None:  # the ASGI writer is not used
         self.protocol.write(payload.frame)
 
     def wake(self) -> None:
@@ -216,3 +227,39 @@ class DirectStream(Stream):
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
             on_end(self)
+
+
+# -- Server-Sent Events -----------------------------------------------------------------------
+
+#: The SSE heartbeat comment as one HTTP/1.1 chunk.
+PING_CHUNK: Final = b"%x\r\n%s\r\n" % (len(b": ping\n\n"), b": ping\n\n")
+
+
+class DirectHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, offering its transport to an SSE stream (see the
+    module)."""
+
+    stream: DirectSseStream | None = None
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
+            extensions[EXTENSION] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stream is not None:
+            self.stream.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stream is not None:
+            self.stream.resumed()

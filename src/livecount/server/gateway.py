@@ -89,6 +89,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     small incoming messages (clients have nothing to send)."""
     return {
         "ws": "livecount.server.direct:DirectProtocol",
+        "http": "livecount.server.direct:DirectHttpProtocol",
         "ws_ping_interval": settings.heartbeat_interval,
         "ws_ping_timeout": settings.heartbeat_interval,
         "ws_per_message_deflate": False,
@@ -185,13 +186,16 @@ class Gateway:
         return task
 
     async def _watchdog(self) -> None:
-        """Close streams stuck in one send for longer than ``slow_client_timeout``."""
+        """Close streams stuck in one send (or paused) for longer than
+    ``slow_client_timeout``; let directly written streams send their heartbeats."""
         timeout = self.settings.slow_client_timeout
-        period = min(1.0, max(0.01, timeout / 4))
+        period = min(1.0, max(0.01, timeout / 4),
+                     max(0.01, self.settings.heartbeat_interval / 2))
         while True:
             await anyio.sleep(period)
             now = time.monotonic()
             for stream in self._streams():
+                stream.watch(now)
                 since = stream.sending_since
                 if since and now - since > timeout and not stream.outcome:
                     self.slow_clients += 1

@@ -42,6 +42,8 @@ log = logging.getLogger("livecount.gateway")
 #: (view id, group or None): a counter as a client sees it (base + its own adjustment).
 CounterKey = tuple[int, str | None]
 
+#: How long a resync waits for a counter state that lost its data to be recounted.
+RECOUNT_WAIT: Final = 30.0
 #: Bus messages a hub may have waiting; past it the bus drops the backlog and the hub
 #: resyncs every connection from a fresh state snapshot.
 SUBSCRIPTION_SIZE: Final = 1024
@@ -56,7 +58,7 @@ class Payload:
     most once per payload however many connections send it.
     """
 
-    __slots__ = ("_frame", "_sse", "_text", "body", "event_id", "retry")
+    __slots__ = ("_chunk", "_frame", "_sse", "_text", "body", "event_id", "retry")
 
     def __init__(self, message: dict[str, Any], event_id: str | None = None,
                  retry: int | None = None) -> None:
@@ -66,6 +68,7 @@ class Payload:
         self._text: str | None = None
         self._sse: bytes | None = None
         self._frame: bytes | None = None
+        self._chunk: bytes | None = None
 
     @property
     def text(self) -> str:
@@ -88,6 +91,14 @@ class Payload:
                 head = b"\x81\x7f" + struct.pack("!Q", n)
             self._frame = head + body
         return self._frame
+
+    @property
+    def sse_chunk(self) -> bytes:
+        """The SSE event as one HTTP/1.1 chunk (``Transfer-Encoding: chunked``)."""
+        if self._chunk is None:
+            event = self.sse
+            self._chunk = b"%x\r\n" % len(event) + event + b"\r\n"
+        return self._chunk
 
     @property
     def sse(self) -> bytes:
@@ -157,6 +168,10 @@ class Stream:
 
     async def ping(self) -> None:
         """An app-level heartbeat (only called when :attr:`heartbeat` is set)."""
+
+    def watch(self, now: float) -> None:
+        """Called by the gateway's watchdog about once a second (a stream written to
+        directly sends its own heartbeats from here)."""
 
     # -- what the hub does (synchronous) ----------------------------------------------------
 
@@ -391,8 +406,18 @@ class Hub:
         finally:
             subscription.close()
 
-    async def _load(self) -> None:
+    async def _load(self, *, recounted: bool = False) -> None:
         snapshot = await self.service.state.snapshot(self.workspace_id)
+        if recounted:
+            # The counter state lost its data (a new epoch, nothing counted in it yet: no
+            # views, position 0): keep the streams on the counts they have until a counter
+            # worker has recounted, rather than show every view gone (bounded wait).
+            delay, deadline = 0.02, time.monotonic() + RECOUNT_WAIT
+            while (not snapshot.views and snapshot.position == 0
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                snapshot = await self.service.state.snapshot(self.workspace_id)
         self.counts = dict(snapshot.counts)
         self.epoch = snapshot.epoch
         self._advance(snapshot.seq)
@@ -425,7 +450,7 @@ class Hub:
         """After the bus dropped messages: counts from a fresh snapshot, a snapshot (and the
         view list where it changed) to every stream."""
         old = self.views
-        await self._load()
+        await self._load(recounted=bool(old))
         self._dirty.clear()
         self._invalidate(views=True)
         touched = self._touched(old, self.views)

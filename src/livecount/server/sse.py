@@ -9,17 +9,20 @@ after a reconnect message (drain) or when the client is too slow.
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+import time
+from typing import Any, Final
 
 import anyio
 from starlette.types import Receive, Scope, Send
 
 from ..exceptions import LivecountError
+from .direct import EXTENSION, PING_CHUNK, DirectHttpProtocol
 from .errors import error_response
-from .gateway import Gateway
+from .gateway import Gateway, Resume
 from .hub import Payload, Stream
 
-__all__ = ["EventStream", "SseStream"]
+__all__ = ["DirectSseStream", "EventStream", "SseStream"]
 
 HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -62,7 +65,10 @@ class EventStream:
                 await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
                 await send({"type": "http.response.body", "body": b""})
                 return
-            stream = SseStream(teammate, send, gateway.settings.heartbeat_interval)
+            heartbeat = gateway.settings.heartbeat_interval
+            direct = scope.get("extensions", {}).get(EXTENSION)
+            stream = (SseStream(teammate, send, heartbeat) if direct is None
+                      else DirectSseStream(teammate, send, heartbeat, direct))
             await gateway.join(workspace_id, stream)
         except LivecountError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
@@ -71,13 +77,121 @@ class EventStream:
             return
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            outcome = await gateway.serve(stream, resume, after,
-                                         lambda: _until_disconnect(receive))
+            if isinstance(stream, DirectSseStream) and stream.chunked:
+                outcome = await _direct(gateway, stream, resume, after)
+            else:
+                outcome = await gateway.serve(stream, resume, after,
+                                             lambda: _until_disconnect(receive))
         finally:
             gateway.leave(stream)
         if outcome in ("drained", "slow", "closed"):
             with anyio.move_on_after(END_GRACE):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class DirectSseStream(SseStream):
+    """An SSE stream written to synchronously by the hub, in chunks, once attached (before:
+    and when the response is not chunked, the ASGI writer of :class:`SseStream`); its
+    endpoint awaits :attr:`done`."""
+
+    __slots__ = ("_paused", "done", "last_sent", "protocol")
+
+    def __init__(self, teammate: int | None, send: Any, heartbeat: float,
+                 protocol: DirectHttpProtocol) -> None:
+        super().__init__(teammate, send, heartbeat)
+        self.protocol = protocol
+        self._paused = False
+        self.last_sent = time.monotonic()
+        self.done: asyncio.Future[None] | None = None
+
+    def attach(self) -> asyncio.Future[None]:
+        """Start writing (the response has started); the future resolves when the stream
+        ends: drained, cut, or the client went (:attr:`outcome` says which)."""
+        self.done = asyncio.get_running_loop().create_future()
+        self.protocol.stream = self
+        self._hold = False
+        self.flush()
+        return self.done
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the response went out chunked (what the direct writes produce)."""
+        cycle = self.protocol.cycle
+        return cycle is not None and cycle.chunked_encoding is True
+
+    def wake(self) -> None:
+        if self.done is not None:
+            self.flush()
+        else:
+            super().wake()
+
+    def flush(self) -> None:
+        transport = self.protocol.transport
+        since = self.lag_since
+        wrote = False
+        while not self._paused and not self._ended():
+            payloads = self.take()
+            if not payloads:
+                break
+            for payload in payloads:
+                transport.write(payload.sse_chunk)
+            wrote = True
+            if self.closing is not None and payloads[-1] is self.closing:
+                self.end("drained")
+                break
+        if wrote:
+            self.last_sent = time.monotonic()
+            self.lag_since = 0.0
+            hub = self.hub
+            if since and hub is not None and hub.delivery is not None:
+                hub.delivery.observe(self.last_sent - since)
+
+    def watch(self, now: float) -> None:
+        if self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
+            self.beat()
+
+    def beat(self) -> None:
+        """A heartbeat comment (after a heartbeat period without a message)."""
+        if not self._paused and not self._ended():
+            self.protocol.transport.write(PING_CHUNK)
+            self.last_sent = time.monotonic()
+
+    def _ended(self) -> bool:
+        return self.done is None or self.done.done()
+
+    def end(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+        self.protocol.stream = None
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def paused(self) -> None:
+        self._paused = True
+        self.sending_since = time.monotonic()
+
+    def resumed(self) -> None:
+        self._paused = False
+        self.sending_since = 0.0
+        self.flush()
+
+    def kick(self, outcome: str) -> None:
+        self.end(outcome)  # the endpoint then ends the response (if the client takes it)
+
+    def lost(self) -> None:
+        self.end("disconnected")
+
+
+async def _direct(gateway: Gateway, stream: DirectSseStream, resume: Resume | None,
+                  after: tuple[str, int] | None) -> str:
+    """Decide the first message, then let the hub write (:mod:`.direct`) until the stream
+    ends; no task of its own meanwhile."""
+    try:
+        await gateway.begin(stream, resume, after)
+        await stream.attach()
+    finally:
+        stream.end(stream.outcome or "closed")  # (also when cancelled: stop writing)
+    return stream.outcome
 
 
 async def _until_disconnect(receive: Receive) -> None:
