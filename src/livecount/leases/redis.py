@@ -14,8 +14,9 @@ so each script below touches one slot)::
 
 Every ``ttl / 3`` a :class:`RedisLeases` runs one **round**: it says it is alive, renews the
 leases it holds (a lease that is no longer its own is dropped at once), and moves towards its
-fair share, ``ceil(shards / live workers)``: above it, it releases its highest shards (after
-the relay stopped writing their workspaces); below it, it takes free shards, each with a new
+fair share, ``ceil(shards / live workers)``: above it, it releases shards spread over the range
+(bit-reversed order: neighbouring workspace ids go to different workers), after the relay
+stopped writing their workspaces; below it, it takes free shards, each with a new
 fence. A worker that dies stops renewing: its leases expire after ``ttl`` and the next round
 of another worker takes them (takeover within ``ttl`` + ``ttl / 3``).
 
@@ -337,7 +338,8 @@ class RedisLeases:
             self._changed()
         fair = math.ceil(self.shards / max(1, self._live))
         if len(self._held) > fair:
-            await self._give_back(sorted(self._held)[fair:])
+            kept = sorted(self._held, key=lambda shard: _spread(shard, self.shards))
+            await self._give_back(sorted(kept[fair:]))
         elif len(self._held) < fair:
             await self._take(fair - len(self._held), sent)
 
@@ -371,6 +373,14 @@ class RedisLeases:
         log.info("worker %s: took %d shards (holds %d of %d)", self.worker_id,
                  len(reply) // 2, len(self._held), self.shards)
         self._changed()
+
+
+def _spread(shard: int, shards: int) -> int:
+    """The order in which a worker keeps its shards: bit-reversed, so what it keeps is
+    spread over the shard range (0, 32, 16, 48, … of 64) and workspaces with neighbouring
+    ids (tenants created one after another) end up on different workers."""
+    bits = max(1, (shards - 1).bit_length())
+    return int(format(shard, f"0{bits}b")[::-1], 2)
 
 
 class Directory:
