@@ -199,6 +199,64 @@ class WsClient(asyncio.Protocol):
         self.pool.on_lost(self)
 
 
+class SseClient(WsClient):
+    """One Server-Sent Events connection (``GET …/stream``, chunked): each ``data:`` line of
+    an event goes to the pool as a message, like a WebSocket text frame."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, pool: Pool, idx: int, request: bytes, key: bytes) -> None:
+        super().__init__(pool, idx, request, key)
+        self._body = b""  # de-chunked bytes not yet split into events
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        if not self.open:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._buf = data
+                return
+            head, data = data[:end], data[end + 4:]
+            if not head.startswith(b"HTTP/1.1 200"):
+                line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+                self._fail(f"handshake: {line[:60]}")
+                return
+            self.open = True
+        # the chunked body: <hex size>\r\n<bytes>\r\n … 0\r\n\r\n
+        i, n = 0, len(data)
+        body = self._body
+        while i < n:
+            line_end = data.find(b"\r\n", i)
+            if line_end < 0:
+                break
+            size = int(data[i:line_end].split(b";", 1)[0], 16)
+            if size == 0:
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            start = line_end + 2
+            if n - start < size + 2:
+                break
+            body += data[start:start + size]
+            i = start + size + 2
+        if i < n:
+            self._buf = data[i:]
+        now = time.time()
+        while (end := body.find(b"\n\n")) >= 0:
+            event, body = body[:end], body[end + 2:]
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    self.pool.on_message(self, line[6:], now)
+        self._body = body
+
+    def close(self) -> None:
+        self.we_close = True
+        if self.transport is not None:
+            self.transport.close()
+
+
 @dataclass
 class Spec:
     path: str  # /api/workspaces/{ws}/ws?token=...
@@ -285,16 +343,22 @@ class Pool:
             nonlocal failed
             spec = self.specs[i]
             key = base64.b64encode(os.urandom(16))
-            request = (f"GET {spec.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                       "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                       f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
-                       "\r\n").encode()
+            sse = "/stream?" in spec.path
+            kind = SseClient if sse else WsClient
+            if sse:
+                request = (f"GET {spec.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                           "Accept: text/event-stream\r\n\r\n").encode()
+            else:
+                request = (f"GET {spec.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key.decode()}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode()
             source = self.sources[i % len(self.sources)]
             async with limit:
                 try:
                     async with asyncio.timeout(each):
                         _, client = await loop.create_connection(
-                            lambda: WsClient(self, i, request, key), self.host, self.port,
+                            lambda: kind(self, i, request, key), self.host, self.port,
                             local_addr=(source, 0))
                         self.clients[i] = client
                         await client.ready
