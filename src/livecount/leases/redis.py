@@ -338,8 +338,8 @@ class RedisLeases:
             self._changed()
         fair = math.ceil(self.shards / max(1, self._live))
         if len(self._held) > fair:
-            kept = sorted(self._held, key=lambda shard: _spread(shard, self.shards))
-            await self._give_back(sorted(kept[fair:]))
+            order = sorted(self._held, key=lambda shard: _spread(shard, self.shards))
+            await self._give_back(sorted(order[fair:]))
         elif len(self._held) < fair:
             await self._take(fair - len(self._held), sent)
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import re
 import resource
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import bearer_token
 from .errors import error_response
@@ -38,6 +39,8 @@ READY_FRACTION: Final = 0.9
 RETRY_PROCESS: Final = 2
 RETRY_TOKEN: Final = 5
 _SSE_PATH: Final = re.compile(r"/api/workspaces/[^/]+/stream/?")
+#: The route template SSE requests are counted under.
+SSE_ROUTE: Final = "/api/workspaces/{workspace_id}/stream"
 #: The scope key of a stream's :class:`Slot` (a connection that outlives its ASGI call keeps
 #: it, and gives it back when it ends).
 SLOT: Final = "livecount.admission"
@@ -122,9 +125,18 @@ def is_stream(scope: Scope) -> bool:
 
 
 class AdmissionMiddleware:
-    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+    """The outermost middleware of the app. Stream requests are admitted (or refused)
+    here and, when ``route`` names their endpoint, handed to it directly: a stream
+    connection then keeps only this frame alive, not the middleware stack and the router
+    (SSE responses are counted in ``metrics`` here, as the metrics middleware would)."""
+
+    def __init__(self, app: ASGIApp, admission: Admission,
+                 route: Callable[[Scope], ASGIApp | None] | None = None,
+                 metrics: Any = None) -> None:
         self.app = app
         self.admission = admission
+        self.route = route
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not is_stream(scope):
@@ -137,11 +149,34 @@ class AdmissionMiddleware:
             await _refuse(scope, receive, send, refused, self.admission)
             return
         slot = scope[SLOT] = Slot(self.admission, key)
+        endpoint = self.route(scope) if self.route is not None else None
         try:
-            await self.app(scope, receive, send)
+            if endpoint is None:
+                await self.app(scope, receive, send)
+            elif scope["type"] == "http" and self.metrics is not None:
+                await _counted(endpoint, self.metrics, scope, receive, send)
+            else:
+                await endpoint(scope, receive, send)
         finally:
             if not slot.kept:
                 slot.release()
+
+
+async def _counted(endpoint: ASGIApp, metrics: Any, scope: Scope, receive: Receive,
+                   send: Send) -> None:
+    """An SSE request past the router: counted in the HTTP request metrics by its route."""
+    status = 500
+
+    async def observed(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await endpoint(scope, receive, observed)
+    finally:
+        metrics.requests.labels(SSE_ROUTE, scope.get("method", "GET"), str(status)).inc()
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, cap: str,

@@ -140,7 +140,9 @@ def create_app(settings: Settings) -> Starlette:
     routes += web
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(AdmissionMiddleware, admission=admission),
+        middleware=[Middleware(AdmissionMiddleware, admission=admission,
+                               route=None if gateway is None else gateway.endpoint,
+                               metrics=metrics),
                     Middleware(MetricsMiddleware, metrics=metrics),
                     Middleware(BodyLimit, max_bytes=settings.max_body_bytes)],
         exception_handlers=exception_handlers(),

@@ -52,7 +52,7 @@ from typing import Any, Final
 import anyio
 from starlette.requests import HTTPConnection
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
 
 from ..exceptions import Forbidden, Unauthorized, Unavailable, ValidationError
 from ..service import Service, Settings, wait_for_position
@@ -76,6 +76,7 @@ AFTER_WAIT: Final = 5.0
 RETRY_MS: Final = 1000
 _MAX_SEQ_DIGITS: Final = 18
 _EPOCH: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STREAM_PATH: Final = re.compile(r"/api/workspaces/([0-9]+)/(ws|stream)")
 
 #: Where a client resumes: (epoch or None when it named none, seq).
 Resume = tuple[str | None, int]
@@ -152,15 +153,43 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def routes(self) -> list[BaseRoute]:
-        from .sse import EventStream
-        from .ws import WebSocketStream
-
         return [
-            WebSocketRoute("/api/workspaces/{workspace_id:int}/ws", WebSocketStream(self),
+            WebSocketRoute("/api/workspaces/{workspace_id:int}/ws", self._ws_endpoint,
                            name="stream_ws"),
-            Route("/api/workspaces/{workspace_id:int}/stream", EventStream(self),
+            Route("/api/workspaces/{workspace_id:int}/stream", self._sse_endpoint,
                   methods=["GET"], name="stream_sse"),
         ]
+
+    @functools.cached_property
+    def _ws_endpoint(self) -> ASGIApp:
+        from .ws import WebSocketStream
+
+        return WebSocketStream(self)
+
+    @functools.cached_property
+    def _sse_endpoint(self) -> ASGIApp:
+        from .sse import EventStream
+
+        return EventStream(self)
+
+    def endpoint(self, scope: Scope) -> ASGIApp | None:
+        """The stream endpoint for ``scope``, with its path parameters set, or None: what
+        the outermost middleware calls directly, so a stream connection does not keep the
+        whole middleware stack and router alive (the routes above serve the same paths,
+        for the OpenAPI listing and any other caller)."""
+        match = _STREAM_PATH.fullmatch(scope.get("path", ""))
+        if match is None:
+            return None
+        kind = match.group(2)
+        if scope["type"] == "websocket" and kind == "ws":
+            endpoint = self._ws_endpoint
+        elif scope["type"] == "http" and kind == "stream" and scope.get("method") in (
+                "GET", "HEAD"):
+            endpoint = self._sse_endpoint
+        else:
+            return None
+        scope["path_params"] = {"workspace_id": int(match.group(1))}
+        return endpoint
 
     @property
     def connections(self) -> int:
