@@ -1007,6 +1007,8 @@ class Relay:
             gap = every / len(workspace_ids)
             for workspace_id in workspace_ids:
                 await asyncio.sleep(gap * random.uniform(0.5, 1.5))
+                if workspace_id not in self._workspaces:
+                    continue  # given up meanwhile (another counter worker owns it now)
                 try:
                     await self.reconcile(workspace_id)
                 except asyncio.CancelledError:
