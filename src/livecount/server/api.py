@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -17,19 +18,21 @@ from starlette.routing import BaseRoute, Route
 from .. import conversations
 from ..domain import Image
 from ..exceptions import ValidationError
-from ..store.base import Team, Teammate
+from ..store.base import Team, Teammate, written_position
 from . import preview, views_api
 from .auth import admin_caller, service_of, workspace_caller
 from .body import fields, read_json
 from .errors import JSONResponse
-from .views_api import position_headers, settle
+from .views_api import POSITION_HEADER, position_headers, settle
 
-__all__ = ["Endpoint", "parse_if_match", "route", "routes"]
+__all__ = ["ConversationResponse", "Endpoint", "parse_if_match", "route", "routes"]
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 _WS: Final = "/api/workspaces/{workspace_id:int}"
 _IF_MATCH: Final = re.compile(r'(?:W/)?(?:"(\d{1,18})"|(\d{1,18}))')
+_ENCODE: Final = msgspec.json.Encoder().encode
+_POSITION: Final = POSITION_HEADER.lower().encode()
 
 
 def _ws(request: Request) -> int:
@@ -45,9 +48,29 @@ def _team(team: Team) -> dict[str, Any]:
     return {"id": team.id, "name": team.name, "member_ids": team.member_ids}
 
 
-def _conversation(image: Image, status: int = 200) -> JSONResponse:
-    return JSONResponse(conversations.to_wire(image), status_code=status,
-                        headers=position_headers({"ETag": f'"{image.version}"'}))
+class ConversationResponse(Response):
+    """A conversation as JSON, with its ``ETag`` and (after a write) ``Livecount-Position``.
+
+    The hottest response of the API, so its headers are built directly (what
+    :class:`~livecount.server.errors.JSONResponse` would build, without the generic path)."""
+
+    media_type = "application/json"
+
+    def __init__(self, image: Image, status_code: int = 200) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = _ENCODE(conversations.to_wire(image))
+        headers = [(b"content-length", str(len(self.body)).encode()),
+                   (b"content-type", b"application/json"),
+                   (b"etag", b'"%d"' % image.version)]
+        position = written_position.get()
+        if position:
+            headers.append((_POSITION, str(position).encode()))
+        self.raw_headers = headers
+
+
+def _conversation(image: Image, status: int = 200) -> Response:
+    return ConversationResponse(image, status)
 
 
 def parse_if_match(value: str | None) -> int | None:

@@ -22,6 +22,11 @@ lock are made explicit here:
   conversation's (or view's, or for a new view the workspace's) row first, so what it loads
   is whole and stays so until it commits.
 - **Conversation ids from the sequence** (``MAX(id) + 1`` is only safe with one writer).
+- **Group commits** (several conversation writes in one transaction, see
+  :mod:`~livecount.store.sqlstore`) lock every row they will change first, in id order, in one
+  statement (:meth:`~PostgresStore._lock_group`), and take the outbox lock once, at their
+  first append: the rule above holds for them too, and one commit (one WAL flush) serves the
+  whole group.
 - **Wake-ups across processes.** A transaction that appends also sends
   ``NOTIFY livecount_outbox`` (delivered when it commits; its payload names the store that
   sent it). A store whose :meth:`~PostgresStore.on_commit` has subscribers keeps one
@@ -59,6 +64,7 @@ from sqlalchemy.pool import QueuePool
 from ..domain import Image
 from ..exceptions import ValidationError
 from .base import View
+from .raw import RawTx
 from .schema import conversations, views, workspaces
 from .sqlstore import WRITE_OPTION, SQLStore
 
@@ -160,11 +166,23 @@ class PostgresStore(SQLStore):
 
     # -- hooks of SQLStore -----------------------------------------------------------------
 
-    def _before_outbox_insert(self, conn: Connection) -> None:
+    def _before_outbox_insert(self, conn: Connection | RawTx) -> None:
         """Take the outbox lock (held to the end of the transaction; taking it again is
         free) and queue the notification, which PostgreSQL sends on commit, once per
         transaction. Repeated for every append, so a savepoint rolled back after an append
-        (which releases the lock it took) cannot leave a later append unlocked."""
+        (which releases the lock it took) cannot leave a later append unlocked. On the hot
+        path (a group commit, no savepoints) once per transaction: the first append takes
+        them and the transaction knows it holds them."""
+        if isinstance(conn, RawTx):
+            if conn.outbox_locked:
+                return
+            if self.serialize_appends:
+                conn.execute("SELECT pg_advisory_xact_lock(%s), pg_notify(%s, %s)",
+                             (OUTBOX_LOCK_KEY, OUTBOX_CHANNEL, self.instance))
+            else:
+                conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, self.instance))
+            conn.outbox_locked = True
+            return
         if self.serialize_appends:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key), pg_notify(:channel, "
                                  ":payload)"),
@@ -178,14 +196,18 @@ class PostgresStore(SQLStore):
         conn.execute(sa.text(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}'"))
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
 
-    def _next_conversation_id(self, conn: Connection) -> int:
+    def _next_conversation_id(self, conn: Connection | RawTx) -> int:
         """The next value of the ``conversations.id`` sequence: unique across processes,
         never reused (a rolled-back create leaves a gap, which nothing minds)."""
+        if isinstance(conn, RawTx):
+            return conn.next_conversation_id()
         return int(conn.scalar(sa.text(
             "SELECT nextval(pg_get_serial_sequence('conversations', 'id'))")))
 
-    def _load_conversation(self, conn: Connection, workspace_id: int,
+    def _load_conversation(self, conn: Connection | RawTx, workspace_id: int,
                            conversation_id: int) -> Image:
+        if isinstance(conn, RawTx):  # it loads the row FOR UPDATE
+            return super()._load_conversation(conn, workspace_id, conversation_id)
         if _write_transaction(conn):
             self._lock_rows(conn, conversations, [conversation_id], workspace_id)
         return super()._load_conversation(conn, workspace_id, conversation_id)
@@ -208,6 +230,11 @@ class PostgresStore(SQLStore):
             conn.execute(sa.select(workspaces.c.id).where(workspaces.c.id == workspace_id)
                          .with_for_update(key_share=True))  # FOR NO KEY UPDATE
         return super()._create_view(conn, workspace_id, name, filter_text, group_by, owner_id)
+
+    def _lock_group(self, tx: RawTx, conversation_ids: list[int]) -> None:
+        """Lock the rows a group commit will change, in id order, before its first append:
+        the outbox lock stays the last lock each transaction takes (see the module)."""
+        tx.lock_conversations(conversation_ids)
 
     def _reopen_conversations(self, conn: Connection, due: list[tuple[int, int, int]],
                               fields: dict[str, Any]) -> list[bool]:

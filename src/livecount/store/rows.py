@@ -1,7 +1,8 @@
 """Images ⇄ rows: how one conversation is spread over ``conversations`` and its side tables.
 
 Synchronous SQLAlchemy Core helpers used inside a store's transaction (and by tests that need
-rows without a store).
+rows without a store). :func:`insert_image` and :func:`update_image` also take the hot path's
+:class:`~livecount.store.raw.RawTx` (the same rows, written on the bare driver cursor).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from contextlib import contextmanager
 from itertools import groupby, islice, repeat
 from operator import eq, itemgetter
 from sys import intern
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..domain import MAX_SAFE_INTEGER, CustomValue, Image
 from .schema import conversation_custom, conversation_people, conversation_tags, conversations
+
+if TYPE_CHECKING:
+    from .raw import RawTx
 
 __all__ = ["delete_image", "insert_image", "load_images", "update_image"]
 
@@ -54,19 +58,24 @@ def _insert_sets(conn: Connection, image: Image, fields: Iterable[str]) -> None:
                          [_custom_row(cid, k, v) for k, v in image.custom.items()])
 
 
-def insert_image(conn: Connection, image: Image) -> None:
+def insert_image(conn: Connection | RawTx, image: Image) -> None:
     """Insert a new conversation row (with its explicit id) and its side rows."""
+    if not isinstance(conn, Connection):
+        conn.insert_image(image)
+        return
     values = {name: getattr(image, name) for name in _SCALARS}
     conn.execute(conversations.insert().values(id=image.id, **values))
     _insert_sets(conn, image, ("tags", *_PEOPLE, "custom"))
 
 
-def update_image(conn: Connection, before: Image, after: Image) -> bool:
+def update_image(conn: Connection | RawTx, before: Image, after: Image) -> bool:
     """Write ``after`` over ``before`` if the row is still at ``before.version``.
 
     Returns False when another writer got there first (optimistic concurrency). Side tables
     are rewritten only for the sets that changed.
     """
+    if not isinstance(conn, Connection):
+        return conn.update_image(before, after)
     values = {name: getattr(after, name) for name in _SCALARS
               if getattr(after, name) != getattr(before, name)}
     values["version"] = after.version
