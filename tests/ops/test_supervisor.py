@@ -167,6 +167,69 @@ async def test_serve_with_several_workers_on_the_embedded_default_is_exact(
         assert proc.wait(timeout=30) == 0, running.text()
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_serve_with_workers_on_postgres_and_redis_shares_one_count(
+        tmp_path: Path, postgres_url: str, request: pytest.FixtureRequest) -> None:
+    """The production shape on one host: ``livecount serve --workers 2 --counter-workers 1
+    --store postgresql://… --broker redis://…``. The two gateways count nothing; the one
+    counter worker holds every shard; whichever gateway answers, ``GET /counts?after=P``
+    shows the write at P; an admin reconcile through a gateway runs on the worker; SIGTERM
+    exits 0 and gives the leases back."""
+    import redis
+
+    from tests.state.redis_support import delete_prefix, prefix_of, scratch_url
+
+    broker = scratch_url(request.config)
+    prefix = prefix_of(broker)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [PYTHON, "-m", "livecount", "serve", "--workers", "2", "--counter-workers", "1",
+               "--port", str(port), "--store", postgres_url, "--broker", broker,
+               "--lease-ttl", "3", "--log-level", "warning"]
+    try:
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(open_log(log_path))
+            proc = stack.enter_context(process(command, log, {"LIVECOUNT_ADMIN_TOKEN": ADMIN}))
+            running = Running(proc, port, postgres_url, log_path)
+            await wait_ready(proc, running.base, log_path)
+            await until(lambda: workers_ready(running, 2), 30, "2 gateways", running)
+            async with httpx.AsyncClient(base_url=running.base, timeout=10,
+                                         trust_env=False) as http:
+                tenant = await create_tenant(http, ADMIN)
+                person = tenant.people[0]
+                for i in range(1, 21):
+                    async with httpx.AsyncClient(base_url=running.base, timeout=10,
+                                                 trust_env=False) as one:
+                        response = await one.post(tenant.url("/conversations"), json={},
+                                                  headers=person.headers)
+                        assert response.status_code == 201, response.text
+                        position = response.headers["Livecount-Position"]
+                    async with httpx.AsyncClient(base_url=running.base, timeout=10,
+                                                 trust_env=False) as other:
+                        counts = await other.get(tenant.url(f"/counts?after={position}"),
+                                                 headers=person.headers)
+                        assert counts.status_code == 200, counts.text
+                        views = (await other.get(tenant.url("/views"),
+                                                 headers=person.headers)).json()["views"]
+                    all_view = next(v["id"] for v in views if v["name"] == "All")
+                    assert counts.json()["counts"][str(all_view)] == i
+                reconciled = await http.post(tenant.url("/reconcile"),
+                                             headers={"Authorization": f"Bearer {ADMIN}"})
+                assert reconciled.status_code == 200, reconciled.text
+                assert reconciled.json()["drift"] == []
+                assert reconciled.json()["position"] >= int(position)
+            with redis.Redis.from_url(broker.split("?")[0]) as client:
+                leases = client.keys(f"{prefix}{{leases}}:shard:*")
+            assert len(leases) == 64  # the one counter worker holds every shard
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=40) == 0, running.text()
+            with redis.Redis.from_url(broker.split("?")[0]) as client:
+                assert client.keys(f"{prefix}{{leases}}:shard:*") == []  # given back
+    finally:
+        delete_prefix(prefix)
+
+
 async def test_a_killed_worker_is_replaced_and_its_clients_resume_exactly(
         tmp_path: Path) -> None:
     async with supervisor(tmp_path, workers=2) as running, \
