@@ -32,7 +32,6 @@ connection keeps that one call; heartbeats come from the gateway's watchdog.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,7 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .hub import Stream
+from .hub import Payload, Stream
 
 if TYPE_CHECKING:
     from .sse import DirectSseStream
@@ -83,7 +82,29 @@ class _Flag:
 _DISCARD: Final = _Discard()
 
 
-class DirectProtocol(WebSocketsSansIOProtocol):
+class _Notifying:
+    """Tells the stream that took the connection over when it pauses, resumes or ends."""
+
+    stream: Any = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # type: ignore[misc]
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self.stream is not None:
+            self.stream.paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if self.stream is not None:
+            self.stream.resumed()
+
+
+class DirectProtocol(_Notifying, WebSocketsSansIOProtocol):
     """uvicorn's ``websockets-sansio`` protocol, detachable from ASGI (see the module)."""
 
     stream: DirectStream | None = None
@@ -119,23 +140,6 @@ class DirectProtocol(WebSocketsSansIOProtocol):
         if self.stream is None and self.close_timer is None:
             self.transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        stream = self.stream
-        if stream is not None:
-            self.stream = None
-            stream.lost()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self.stream is not None:
-            self.stream.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.stream is not None:
-            self.stream.resumed()
-
     # -- what the stream does -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -159,12 +163,11 @@ class DirectProtocol(WebSocketsSansIOProtocol):
 class DirectStream(Stream):
     """A stream written to synchronously by the hub (see the module docstring)."""
 
-    __slots__ = ("_on_end", "_paused", "protocol")
+    __slots__ = ("_on_end", "protocol")
 
     def __init__(self, teammate: int | None, protocol: DirectProtocol) -> None:
         super().__init__(teammate)
         self.protocol = protocol
-        self._paused = False
         self._on_end: Callable[[DirectStream], None] | None = None
 
     def attach(self, on_end: Callable[[DirectStream], None]) -> None:
@@ -185,34 +188,15 @@ class DirectStream(Stream):
 
     def flush(self) -> None:
         """Write what the hub marked, now, while the transport takes it."""
-        protocol = self.protocol
-        since = self.lag_since
-        wrote = False
-        while not self._paused and not protocol.close_sent:
-            payloads = self.take()
-            if not payloads:
-                break
-            for payload in payloads:
-                protocol.write(payload.frame)
-            wrote = True
-            if self.closing is not None and payloads[-1] is self.closing:
-                self.outcome = self.outcome or "drained"
-                protocol.close_with(1012, "server shutting down")
-                break
-        if wrote:
-            self.lag_since = 0.0
-            hub = self.hub
-            if since and hub is not None and hub.delivery is not None:
-                hub.delivery.observe(time.monotonic() - since)
+        if self.write_now():
+            self.outcome = self.outcome or "drained"
+            self.protocol.close_with(1012, "server shutting down")
 
-    def paused(self) -> None:
-        self._paused = True
-        self.sending_since = time.monotonic()
+    def _write(self, payload: Payload) -> None:
+        self.protocol.write(payload.frame)
 
-    def resumed(self) -> None:
-        self._paused = False
-        self.sending_since = 0.0
-        self.flush()
+    def _blocked(self) -> bool:
+        return self._paused or self.protocol.close_sent
 
     def kick(self, outcome: str) -> None:
         if not self.outcome:
@@ -235,7 +219,7 @@ class DirectStream(Stream):
 PING_CHUNK: Final = b"%x\r\n%s\r\n" % (len(b": ping\n\n"), b": ping\n\n")
 
 
-class DirectHttpProtocol(HttpToolsProtocol):
+class DirectHttpProtocol(_Notifying, HttpToolsProtocol):
     """uvicorn's httptools protocol, offering its transport to an SSE stream (see the
     module)."""
 
@@ -247,19 +231,3 @@ class DirectHttpProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
             extensions[EXTENSION] = self
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            stream.lost()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self.stream is not None:
-            self.stream.paused()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.stream is not None:
-            self.stream.resumed()

@@ -130,7 +130,8 @@ class Stream:
     app-level heartbeat).
     """
 
-    __slots__ = ("_hold", "_waiter", "ack", "closing", "hub", "lag_since", "new_views", "outcome",
+    __slots__ = ("_hold", "_paused", "_waiter", "ack", "closing", "hub", "lag_since", "new_views",
+                 "outcome",
                  "pending", "ready", "ready_keys", "resync", "scope", "sending_since", "teammate",
                  "views_dirty")
 
@@ -150,6 +151,7 @@ class Stream:
         self.views_dirty = False
         self.ack = False
         self._hold = True  # until the stream decides snapshot or resume: collect keys only
+        self._paused = False  # a directly written stream whose transport is paused
         self.closing: Payload | None = None
         #: why the stream ended: "disconnected", "slow", "drained", "closed"
         self.outcome = ""
@@ -168,6 +170,47 @@ class Stream:
 
     async def ping(self) -> None:
         """An app-level heartbeat (only called when :attr:`heartbeat` is set)."""
+
+    # -- writing directly (see .direct): no task, the hub's tick writes -----------------------
+
+    def _write(self, payload: Payload) -> None:
+        raise NotImplementedError
+
+    def _blocked(self) -> bool:
+        """Whether nothing can be written now (paused, closing, ended)."""
+        return self._paused
+
+    def write_now(self) -> bool:
+        """Write what the hub marked, synchronously, until nothing is left or the transport
+        blocks; True when the closing message (a reconnect) went out."""
+        since = self.lag_since
+        wrote = closed = False
+        while not self._blocked():
+            payloads = self.take()
+            if not payloads:
+                break
+            for payload in payloads:
+                self._write(payload)
+            wrote = True
+            if self.closing is not None and payloads[-1] is self.closing:
+                closed = True
+                break
+        if wrote:
+            self.lag_since = 0.0
+            hub = self.hub
+            if since and hub is not None and hub.delivery is not None:
+                hub.delivery.observe(time.monotonic() - since)
+        return closed
+
+    def paused(self) -> None:
+        """The transport's buffer is full: keep what is owed (bounded) until it drains."""
+        self._paused = True
+        self.sending_since = time.monotonic()
+
+    def resumed(self) -> None:
+        self._paused = False
+        self.sending_since = 0.0
+        self.wake()
 
     def watch(self, now: float) -> None:
         """Called by the gateway's watchdog about once a second (a stream written to

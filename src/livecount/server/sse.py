@@ -94,13 +94,12 @@ class DirectSseStream(SseStream):
     and when the response is not chunked, the ASGI writer of :class:`SseStream`); its
     endpoint awaits :attr:`done`."""
 
-    __slots__ = ("_paused", "done", "last_sent", "protocol")
+    __slots__ = ("done", "last_sent", "protocol")
 
     def __init__(self, teammate: int | None, send: Any, heartbeat: float,
                  protocol: DirectHttpProtocol) -> None:
         super().__init__(teammate, send, heartbeat)
         self.protocol = protocol
-        self._paused = False
         self.last_sent = time.monotonic()
         self.done: asyncio.Future[None] | None = None
 
@@ -126,25 +125,16 @@ class DirectSseStream(SseStream):
             super().wake()
 
     def flush(self) -> None:
-        transport = self.protocol.transport
-        since = self.lag_since
-        wrote = False
-        while not self._paused and not self._ended():
-            payloads = self.take()
-            if not payloads:
-                break
-            for payload in payloads:
-                transport.write(payload.sse_chunk)
-            wrote = True
-            if self.closing is not None and payloads[-1] is self.closing:
-                self.end("drained")
-                break
-        if wrote:
-            self.last_sent = time.monotonic()
-            self.lag_since = 0.0
-            hub = self.hub
-            if since and hub is not None and hub.delivery is not None:
-                hub.delivery.observe(self.last_sent - since)
+        """Write what the hub marked, now, while the transport takes it."""
+        if self.write_now():
+            self.end("drained")
+
+    def _write(self, payload: Payload) -> None:
+        self.protocol.transport.write(payload.sse_chunk)
+        self.last_sent = time.monotonic()
+
+    def _blocked(self) -> bool:
+        return self._paused or self._ended()
 
     def watch(self, now: float) -> None:
         if self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
@@ -165,15 +155,6 @@ class DirectSseStream(SseStream):
         self.protocol.stream = None
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
-
-    def paused(self) -> None:
-        self._paused = True
-        self.sending_since = time.monotonic()
-
-    def resumed(self) -> None:
-        self._paused = False
-        self.sending_since = 0.0
-        self.flush()
 
     def kick(self, outcome: str) -> None:
         self.end(outcome)  # the endpoint then ends the response (if the client takes it)
