@@ -234,10 +234,15 @@ async def test_a_killed_worker_is_replaced_and_its_clients_resume_exactly(
         tmp_path: Path) -> None:
     async with supervisor(tmp_path, workers=2) as running, \
             httpx.AsyncClient(base_url=running.base, timeout=10, trust_env=False) as http:
-        # one scrape shows every worker and the supervisor
-        found = samples((await http.get("/metrics")).text)
-        assert {dict(labels).get("worker") for name, labels in found
-                if name == "livecount_process_threads"} == {"0", "1"}
+        # one scrape shows every worker and the supervisor (once each worker has spooled
+        # its series: half a second after it starts, then every two seconds)
+        async def every_worker() -> dict[Any, float] | None:
+            scraped = samples((await http.get("/metrics")).text)
+            workers = {dict(labels).get("worker") for name, labels in scraped
+                       if name == "livecount_process_threads"}
+            return scraped if workers == {"0", "1"} else None
+
+        found = await until(every_worker, 10, "both workers' series in one scrape", running)
         assert found[("livecount_workers", ())] == 2
         assert found[("livecount_worker_restarts_total", ())] == 0
 
