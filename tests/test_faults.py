@@ -106,7 +106,13 @@ async def assert_exact(relay: Relay, store: Store, state: CounterState, ws: int,
                        clock: list[int]) -> None:
     recount = await store.recount(ws, relay.views(ws), clock[0])
     assert recount.position == relay.position
-    assert (await state.snapshot(ws)).counts == recount.counts
+    snapshot = await state.snapshot(ws)
+    assert snapshot.counts == recount.counts
+    # every view of the store is counted (one the relay never installed would be missed
+    # by a recount of the relay's views alone), and the state lists the same ones
+    stored = {(v.id, v.version) for v in await store.list_views(ws)}
+    assert {(v.id, v.version) for v in relay.views(ws)} == stored
+    assert {(v.id, v.version) for v in snapshot.views} == stored
 
 
 @contextlib.asynccontextmanager
