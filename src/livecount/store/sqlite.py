@@ -8,6 +8,8 @@ snapshot while the writer commits.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -21,11 +23,13 @@ from .sqlstore import WRITE_OPTION, SQLStore
 __all__ = ["BUSY_TIMEOUT_PARAM", "DEFAULT_BUSY_TIMEOUT_MS", "PRAGMAS", "SQLiteStore"]
 
 PRAGMAS: Final = (
+    "PRAGMA busy_timeout=5000",  # first: the others may wait for a lock
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",  # durable at checkpoints; never corrupt (WAL)
-    "PRAGMA busy_timeout=5000",
     "PRAGMA foreign_keys=ON",
 )
+#: How long a new connection retries a setting SQLite refused as busy.
+_PRAGMA_RETRY: Final = 5.0
 #: One writer thread + two reader threads + the relay's reader, one connection each, and
 #: never more.
 _POOL_SIZE: Final = 4
@@ -99,12 +103,31 @@ def _configure(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         for pragma in PRAGMAS:
-            cursor.execute(pragma)
+            _retrying(cursor, pragma)
     finally:
         cursor.close()
     from ..filters.sql import register_sqlite_functions  # late: written alongside
 
     register_sqlite_functions(dbapi_connection)
+
+
+def _retrying(cursor: Any, pragma: str) -> None:
+    """Run ``pragma``, again while SQLite says the database is busy. Switching a fresh file
+    to WAL needs its exclusive lock, and SQLite answers a connection that would deadlock
+    waiting for it (several processes opening the same new file at once) with an immediate
+    "database is locked" rather than through the busy timeout."""
+    deadline = time.monotonic() + _PRAGMA_RETRY
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute(pragma)
+            return
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def _begin(conn: Connection) -> None:
