@@ -179,18 +179,14 @@ class Service:
                 if self.leases is not None:
                     self.leases.answer(self._reconcile_here)
         except BaseException:
-            await self._stop_counting()
-            await self.store.close()
+            await self.stop()  # what started stops; the rest closes without having opened
             raise
 
-    async def _stop_counting(self) -> None:
+    async def stop(self) -> None:
         if self.relay is not None:
             await self.relay.stop()
         if self.leases is not None:  # after the relay: given back once it stopped writing
             await self.leases.stop()
-
-    async def stop(self) -> None:
-        await self._stop_counting()
         if self.directory is not None:
             await self.directory.close()
         await self.bus.close()

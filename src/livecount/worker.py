@@ -4,7 +4,7 @@ It follows the store's outbox with a relay and writes the counts of the workspac
 to the shared counter state and bus (Redis), under leases on shards of workspaces
 (:mod:`livecount.leases`), until SIGTERM/SIGINT; then it stops writing and gives its leases
 back, so another worker takes its shards over at once. Run any number, anywhere that reaches
-the store and Redis; gateways (``livecount serve --role gateway``, or the gateways of
+the store and Redis; gateways (``livecount serve --counter-workers 0``, or the gateways of
 ``serve --workers N``) serve what they count.
 
 With ``--port`` it also answers ``GET /healthz`` and ``GET /metrics`` (its relay and lease

@@ -32,6 +32,7 @@ connection keeps that one call; heartbeats come from the gateway's watchdog.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,6 +41,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .hub import Payload, Stream
+
+log = logging.getLogger("livecount.gateway")
 
 if TYPE_CHECKING:
     from .sse import DirectSseStream
@@ -123,6 +126,15 @@ class DirectProtocol(_Notifying, WebSocketsSansIOProtocol):
         self.queue = _DISCARD  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.scope = None  # type: ignore[assignment]
+        if self.read_paused:  # a message the ASGI side never read: nobody reads them now
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.stream is not None:  # detached: what the client sends is discarded, and
+            self.frames = []  # reading goes on (pongs, the close frame)
+            return
+        super().send_receive_event_to_app()
 
     async def run_asgi(self) -> None:
         """uvicorn's, except that a detached connection stays open when the call returns."""
@@ -142,22 +154,22 @@ class DirectProtocol(_Notifying, WebSocketsSansIOProtocol):
 
     # -- what the stream does -------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
     def close_with(self, code: int, reason: str, *, abort_after: float | None = None) -> None:
-        """Send a close frame; close the transport when the client answers, or after the
-        close timeout (``abort_after``: abort, for a client that does not read)."""
-        if self.close_sent or self.transport.is_closing():
+        """Send a close frame; the transport closes when the client answers, and is aborted
+        after ``abort_after`` (default: the close timeout) if it has not: a client that does
+        not read would keep a plain close() waiting for its buffer forever."""
+        if self.transport.is_closing():
+            return
+        if self.close_sent:  # cut short a close already under way
+            if abort_after is not None:
+                self.transport.abort()
             return
         self.stop_keepalive()
         self.conn.send_close(code, reason)
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        if abort_after is not None:
-            self.close_timer = self.loop.call_later(abort_after, self.transport.abort)
-        else:
-            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+        self.close_timer = self.loop.call_later(
+            self.close_timeout if abort_after is None else abort_after, self.transport.abort)
 
 
 class DirectStream(Stream):
@@ -176,10 +188,10 @@ class DirectStream(Stream):
         self._on_end = on_end
         self.protocol.detach(self)
         self._hold = False
+        if self.protocol.disconnected:  # gone while the first message was being decided
+            self.lost()
+            return
         self.flush()
-
-    async def send(self, payload: Any) -> None:  # the ASGI writer is not used
-        self.protocol.write(payload.frame)
 
     def wake(self) -> None:
         if self._on_end is None:  # not attached yet: the endpoint flushes on attach
@@ -187,13 +199,18 @@ class DirectStream(Stream):
         self.flush()
 
     def flush(self) -> None:
-        """Write what the hub marked, now, while the transport takes it."""
-        if self.write_now():
-            self.outcome = self.outcome or "drained"
-            self.protocol.close_with(1012, "server shutting down")
+        """Write what the hub marked, now, while the transport takes it. A failure here
+        (called from the hub's tick) cuts this connection only."""
+        try:
+            if self.write_now():
+                self.outcome = self.outcome or "drained"
+                self.protocol.close_with(1012, "server shutting down")
+        except Exception:
+            log.warning("writing to a stream failed; closing it", exc_info=True)
+            self.protocol.transport.abort()
 
     def _write(self, payload: Payload) -> None:
-        self.protocol.write(payload.frame)
+        self.protocol.transport.write(payload.frame)
 
     def _blocked(self) -> bool:
         return self._paused or self.protocol.close_sent

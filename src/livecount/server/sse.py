@@ -10,6 +10,7 @@ after a reconnect message (drain) or when the client is too slow.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Final
 
@@ -23,6 +24,8 @@ from .gateway import Gateway, Resume
 from .hub import Payload, Stream
 
 __all__ = ["DirectSseStream", "EventStream", "SseStream"]
+
+log = logging.getLogger("livecount.gateway")
 
 HEADERS: Final = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -109,7 +112,11 @@ class DirectSseStream(SseStream):
         self.done = asyncio.get_running_loop().create_future()
         self.protocol.stream = self
         self._hold = False
-        self.flush()
+        cycle = self.protocol.cycle
+        if (cycle is not None and cycle.disconnected) or self.protocol.transport.is_closing():
+            self.end("disconnected")  # gone while the first message was being decided
+        else:
+            self.flush()
         return self.done
 
     @property
@@ -125,9 +132,14 @@ class DirectSseStream(SseStream):
             super().wake()
 
     def flush(self) -> None:
-        """Write what the hub marked, now, while the transport takes it."""
-        if self.write_now():
-            self.end("drained")
+        """Write what the hub marked, now, while the transport takes it. A failure here
+        (called from the hub's tick) ends this stream only."""
+        try:
+            if self.write_now():
+                self.end("drained")
+        except Exception:
+            log.warning("writing to a stream failed; ending it", exc_info=True)
+            self.end("closed")
 
     def _write(self, payload: Payload) -> None:
         self.protocol.transport.write(payload.sse_chunk)

@@ -95,14 +95,15 @@ class WebSocketStream:
                 if slot is not None:
                     slot.release()
 
-            if slot is not None:
-                slot.keep()
             stream.attach(ended)
             attached = True
+            if slot is not None:
+                slot.keep()  # (released by ended(); at once if it ended during attach)
         except OSError:  # gone during the handshake
             return
         finally:
-            if not attached:
+            if not attached:  # the ASGI side still owns it: uvicorn closes the transport
+                stream.protocol.stream = None
                 gateway.leave(stream)
 
 
