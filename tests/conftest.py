@@ -49,7 +49,7 @@ settings.register_profile(
     "ci",
     # Hypothesis's built-in "ci" profile: no example database, no too_slow health check.
     settings.get_profile("ci"),
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     print_blob=True,
     derandomize=False,

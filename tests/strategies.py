@@ -9,6 +9,7 @@ characters SQL likes to treat specially (``%``, ``_``, ``\\``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 from hypothesis import strategies as st
@@ -147,6 +148,7 @@ FOLDERS: Final[tuple[tuple[dict[str, Any], str | None], ...]] = tuple(
 """The seeded folders of DESIGN §2 as (filter, group_by)."""
 
 
+@functools.cache
 def texts() -> st.SearchStrategy[str]:
     """Short strings: awkward fragments, pool values, or random ones over :data:`ALPHABET`."""
     return st.one_of(
@@ -163,6 +165,7 @@ CUSTOM_POOLS: Final[dict[str, tuple[Any, ...]]] = {
 }
 
 
+@functools.cache
 def custom_values(key: str | None = None) -> st.SearchStrategy[Any]:
     """Custom values of every type, overlapping across types ("1", 1, 1.0, true); mostly
     from ``key``'s pool when it is given."""
@@ -191,6 +194,7 @@ _team = st.sampled_from(TEAMS)
 _often = st.sampled_from((True, True, True, False))
 
 
+@functools.cache  # strategies are built once: hypothesis validates each new one it draws from
 def _nullable(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(strategy, strategy, st.none())
 
@@ -205,6 +209,7 @@ def _custom_map(draw: st.DrawFn, removals: bool) -> dict[str, Any]:
     return out
 
 
+@functools.cache
 def _fields(patch: bool) -> dict[str, st.SearchStrategy[Any]]:
     people = st.lists(_teammate, max_size=3)
     fields: dict[str, st.SearchStrategy[Any]] = {
@@ -291,6 +296,7 @@ def _kind(field: str) -> FieldKind:
     return FieldKind.CUSTOM if field.startswith("custom.") else FIELDS[field].kind
 
 
+@functools.cache
 def _scalar(field: str, op: str) -> st.SearchStrategy[Any]:
     """One valid comparison value for ``field op``."""
     kind = _kind(field).value

@@ -1,4 +1,5 @@
-"""Fixtures of the server tests: a live server per test, and a client on it."""
+"""Fixtures of the server tests: a live server per test, and a client on it; for the stream
+tests, a server with the gateway's settings (a module may configure its own) and a client."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .stream_support import stream_server, stream_settings
 from .support import LiveServer, Tenant, create_tenant, server_settings
 from .support import live_server as _live_server
 
@@ -33,3 +35,18 @@ async def client(live_server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
 async def tenant(live_server: LiveServer, client: httpx.AsyncClient) -> Tenant:
     """Workspace "Acme": three teammates, two teams."""
     return await create_tenant(client, live_server.admin_token)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
+    """A real server with the stream gateway's uvicorn options (see :mod:`.stream_support`);
+    drained on exit."""
+    async with stream_server(stream_settings(tmp_path)) as server:
+        yield server
+
+
+@pytest.fixture
+async def http(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on ``server``."""
+    async with server.client() as client:
+        yield client

@@ -51,12 +51,6 @@ async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
 
 
 @pytest.fixture
-async def http(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with server.client() as client:
-        yield client
-
-
-@pytest.fixture
 async def tenant(server: LiveServer, http: httpx.AsyncClient) -> Tenant:
     tenant = await create_tenant(http, server.admin_token)
     await create_view(http, tenant, server.admin_token, "Huge", HUGE, "team_id")

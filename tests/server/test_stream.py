@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,18 +47,6 @@ OPEN_MENTIONS = {"operator": "AND", "value": [
 VIP = {"field": "tags", "operator": "contains", "value": "vip"}
 BILLING = {"field": "tags", "operator": "contains", "value": "billing"}
 MINE = {"field": "assignee_id", "operator": "=", "value": "$me"}
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
-    async with stream_server(stream_settings(tmp_path)) as server:
-        yield server
-
-
-@pytest.fixture
-async def http(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with server.client() as client:
-        yield client
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +32,6 @@ from tests.server.support import LiveServer, Person, Tenant, auth, create_tenant
 from tests.server.test_stream import MINE, OPEN_MENTIONS, create_view, quiet, write
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[LiveServer]:
-    async with stream_server(stream_settings(tmp_path)) as server:
-        yield server
-
-
-@pytest.fixture
-async def http(server: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with server.client() as client:
-        yield client
 
 
 @pytest.fixture

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from livecount.domain import now_us
+from livecount.server.app import tune_gc
+from livecount.service import Settings
 from livecount.store import open_store
 from tests.server.stream_support import StreamClient, stream_server, stream_settings
 from tests.server.support import create_tenant
@@ -51,10 +55,44 @@ async def seed(url: str, conversations: int) -> int:
     return workspace.id
 
 
+@contextlib.contextmanager
+def served_gc() -> Iterator[list[float]]:
+    """The collector as ``livecount serve`` sets it (:func:`~livecount.server.app.tune_gc`:
+    what is alive at start-up frozen out of its sight): without it, a full collection here
+    walks every object the test session has accumulated — a pause of the test process, not
+    of the server, seen as a 0.2 s stall in CI. Yields the pauses of the collections that
+    still run (reported with the figures)."""
+    pauses: list[float] = []
+    started = 0.0
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started)
+
+    threshold = gc.get_threshold()
+    tune_gc()
+    gc.callbacks.append(timed)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(timed)
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
 async def test_a_big_view_count_blocks_neither_the_loop_nor_other_streams(
         tmp_path: Path) -> None:
     settings = stream_settings(tmp_path, reconcile_every=None, flush_interval=0.05)
     big = await seed(settings.store_url, BIG)
+    with served_gc() as gc_pauses:
+        await _count_a_big_view_while_streaming(settings, big, gc_pauses)
+
+
+async def _count_a_big_view_while_streaming(settings: Settings, big: int,
+                                            gc_pauses: list[float]) -> None:
     async with stream_server(settings) as server, server.client() as http:
         tenant = await create_tenant(http, server.admin_token)
         person = tenant.people[0]
@@ -119,7 +157,8 @@ async def test_a_big_view_count_blocks_neither_the_loop_nor_other_streams(
         p99 = latencies[int(0.99 * (len(latencies) - 1))]
         print(f"\ncounted {BIG} conversations in {ended - began:.2f} s; during it "
               f"{len(latencies) // CLIENTS} writes, commit→client p99 {p99 * 1000:.1f} ms, "
-              f"longest loop stall {max(stalls) * 1000:.1f} ms")
+              f"longest loop stall {max(stalls) * 1000:.1f} ms, longest collection "
+              f"{max(gc_pauses, default=0) * 1000:.1f} ms")
         assert p99 < 0.25
         assert max(stalls) < 0.15
         counts = (await server.service.state.snapshot(big)).counts

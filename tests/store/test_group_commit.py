@@ -29,6 +29,7 @@ from livecount.exceptions import (
     Conflict,
     NotFound,
     PreconditionFailed,
+    StoreError,
     Unavailable,
     ValidationError,
 )
@@ -328,12 +329,68 @@ async def test_a_write_cancelled_while_queued_is_never_applied(
             home.id, c.id, {"state": "closed"}, None)) for c in made]
         await asyncio.sleep(0.01)
         tasks[1].cancel()
+        await asyncio.sleep(0.01)
+        # it left the queue at once, not at the next drain: clients that give up while the
+        # writer is stuck do not pile up jobs beyond the pending bound
+        assert len(store._group) == 2
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[1], asyncio.CancelledError)
     assert groups == [2]  # the cancelled one was left out
     assert await store.get_conversation(home.id, made[1].id) == made[1]
     assert [e.entity_id for e in await entries_since(store, start)] == [made[0].id,
                                                                           made[2].id]
+
+
+async def test_writes_cancelled_while_queued_free_the_queue_and_the_bound(
+        store: SQLStore, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = await store.create_conversation(world.home.id, {}, None)
+    monkeypatch.setattr(sqlstore, "MAX_PENDING_CALLS", 3)
+    async with writer_held(store):
+        for round in range(4):  # many more give-ups than the bound while the writer is stuck
+            tasks = [asyncio.ensure_future(store.update_conversation(
+                world.home.id, made.id, {"custom": {"n": round * 3 + i}}, None))
+                for i in range(3)]
+            await asyncio.sleep(0.01)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert len(store._group) == 0 and not store._pending
+        kept = asyncio.ensure_future(store.update_conversation(
+            world.home.id, made.id, {"priority": True}, None))
+        await asyncio.sleep(0.01)
+        assert len(store._group) == 1
+    assert (await kept).priority is True
+    assert (await store.get_conversation(world.home.id, made.id)).version == 2
+
+
+async def test_a_drain_that_dies_answers_the_writes_still_queued(
+        store: SQLStore, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = await store.create_conversation(world.home.id, {}, None)
+    monkeypatch.setattr(sqlstore, "MAX_GROUP", 1)  # one write per group: two stay queued
+    writer = store._writer
+    assert writer is not None
+    submit = writer.submit
+    calls = 0
+
+    def submit_once(*args: Any) -> Any:  # the drain's own re-submit fails (not a shutdown)
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise ValueError("injected: the writer refuses the next drain")
+        return submit(*args)
+
+    async with writer_held(store):
+        monkeypatch.setattr(writer, "submit", submit_once)
+        tasks = [asyncio.ensure_future(outcome(store.update_conversation(
+            world.home.id, made.id, {"custom": {"n": i}}, None))) for i in range(3)]
+        await asyncio.sleep(0.01)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 5)  # not stranded
+    assert [r[0] for r in results] == ["ok", "err", "err"]
+    assert all(isinstance(r[1], StoreError) for r in results[1:])
+    monkeypatch.undo()
+    assert not store._draining and not store._group
+    assert (await store.update_conversation(world.home.id, made.id, {"priority": True},
+                                            None)).version == 3
 
 
 async def test_queued_writes_count_against_the_pending_bound(

@@ -479,15 +479,9 @@ class SQLStore:
         return self._engine, self._writer, self._readers
 
     async def _call(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        # The relay's calls have a bound of their own: API overload never refuses them.
-        relay = in_relay_lane()
-        if relay and len(self._relay_pending) >= MAX_RELAY_CALLS:
-            raise Unavailable(f"the relay has {MAX_RELAY_CALLS} store calls waiting")
-        if not relay and len(self._pending) >= MAX_PENDING_CALLS:
-            raise Unavailable(f"the store is overloaded ({MAX_PENDING_CALLS} calls waiting); "
-                              "retry shortly")
+        pending = self._admit()  # the relay's calls have a bound of their own
         future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        (self._relay_pending if relay else self._pending).add(future)
+        pending.add(future)
         try:
             return await future
         except sa.exc.SQLAlchemyError as exc:
@@ -588,13 +582,18 @@ class SQLStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[T, int]] = loop.create_future()
         pending.add(future)
+        job = _Job(fn, args, future, loop, lock)
         try:
-            self._enqueue(_Job(fn, args, future, loop, lock), writer, engine)
+            self._enqueue(job, writer, engine)
             value, position = await future
         except sa.exc.SQLAlchemyError as exc:
             raise _store_error(exc) from exc
         finally:
             pending.discard(future)
+            if future.cancelled():  # cancelled while queued: leave the queue now, so what
+                # waits stays within the pending bound
+                with self._group_lock, contextlib.suppress(ValueError):
+                    self._group.remove(job)
         if position:
             written_position.set(position)
         return value
@@ -650,9 +649,13 @@ class SQLStore:
                 except RuntimeError:  # the executor is shutting down: finish here
                     continue
         finally:
-            if not done:  # an exception escaped: the next write must start a drain again
+            if not done:  # an exception escaped: answer what waits, never leave it stranded
                 with self._group_lock:
                     self._draining = False
+                    stranded = list(self._group)
+                    self._group.clear()
+                _answer([(job, None, StoreError("the store's writer failed; retry"))
+                         for job in stranded])
 
     def _run_group(self, engine: Engine, jobs: list[_Job]) -> None:
         """Commit ``jobs`` in one transaction, minus those that failed, and answer them all.
