@@ -186,7 +186,9 @@ async def test_a_resume_across_a_crash_gets_a_snapshot_of_the_new_epoch(tmp_path
                 position = await write(http, "PATCH", f"{path}/{ids[1]}", me.token,
                                        {"state": "closed"})
                 expected = await counts_after(http, tenant, me.token, position)
-                await receive_until(conn, model, lambda m: m.counts == expected["counts"])
+                # (the counts may match before the last seq arrives: wait for both)
+                await receive_until(conn, model, lambda m: m.seq >= expected["seq"]
+                                    and m.counts == expected["counts"])
                 assert model.of("delta"), "no delta reached the client before the crash"
                 assert model.epoch == old_epoch and model.seq == expected["seq"]
                 old_seq = model.seq

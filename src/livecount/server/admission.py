@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import bearer_token
 from .errors import error_response
 
-__all__ = ["READY_FRACTION", "SLOT", "Admission", "AdmissionMiddleware", "Slot",
+__all__ = ["READY_FRACTION", "SLOT", "STREAM_PATH", "Admission", "AdmissionMiddleware", "Slot",
            "default_max_streams"]
 
 #: Readiness turns false once this fraction of the process cap is in use.
@@ -38,7 +38,8 @@ READY_FRACTION: Final = 0.9
 #: ``Retry-After`` (seconds) of a refusal for the process cap / the token cap.
 RETRY_PROCESS: Final = 2
 RETRY_TOKEN: Final = 5
-_SSE_PATH: Final = re.compile(r"/api/workspaces/[^/]+/stream/?")
+#: The stream endpoints' paths: groups (workspace id, "ws" or "stream").
+STREAM_PATH: Final = re.compile(r"/api/workspaces/([0-9]+)/(ws|stream)")
 #: The route template SSE requests are counted under.
 SSE_ROUTE: Final = "/api/workspaces/{workspace_id}/stream"
 #: The scope key of a stream's :class:`Slot` (a connection that outlives its ASGI call keeps
@@ -120,8 +121,10 @@ class Slot:
 def is_stream(scope: Scope) -> bool:
     if scope["type"] == "websocket":
         return True
-    return (scope["type"] == "http" and scope.get("method") in ("GET", "HEAD")
-            and _SSE_PATH.fullmatch(scope.get("path", "")) is not None)
+    if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD"):
+        return False
+    match = STREAM_PATH.fullmatch(scope.get("path", ""))
+    return match is not None and match.group(2) == "stream"
 
 
 class AdmissionMiddleware:

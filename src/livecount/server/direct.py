@@ -47,7 +47,7 @@ log = logging.getLogger("livecount.gateway")
 if TYPE_CHECKING:
     from .sse import DirectSseStream
 
-__all__ = ["EXTENSION", "PING_CHUNK", "DirectHttpProtocol", "DirectProtocol", "DirectStream"]
+__all__ = ["EXTENSION", "DirectHttpProtocol", "DirectProtocol", "DirectStream"]
 
 #: The scope extension under which the endpoint finds the protocol.
 EXTENSION: Final = "livecount.direct"
@@ -231,10 +231,6 @@ class DirectStream(Stream):
 
 
 # -- Server-Sent Events -----------------------------------------------------------------------
-
-#: The SSE heartbeat comment as one HTTP/1.1 chunk.
-PING_CHUNK: Final = b"%x\r\n%s\r\n" % (len(b": ping\n\n"), b": ping\n\n")
-
 
 class DirectHttpProtocol(_Notifying, HttpToolsProtocol):
     """uvicorn's httptools protocol, offering its transport to an SSE stream (see the

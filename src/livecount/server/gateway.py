@@ -56,6 +56,7 @@ from starlette.types import ASGIApp, Scope
 
 from ..exceptions import Forbidden, Unauthorized, Unavailable, ValidationError
 from ..service import Service, Settings, wait_for_position
+from .admission import STREAM_PATH
 from .auth import bearer_token
 from .hub import Hub, Payload, Stream
 from .metrics import LagHistogram
@@ -76,7 +77,6 @@ AFTER_WAIT: Final = 5.0
 RETRY_MS: Final = 1000
 _MAX_SEQ_DIGITS: Final = 18
 _EPOCH: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_STREAM_PATH: Final = re.compile(r"/api/workspaces/([0-9]+)/(ws|stream)")
 
 #: Where a client resumes: (epoch or None when it named none, seq).
 Resume = tuple[str | None, int]
@@ -177,7 +177,7 @@ class Gateway:
         the outermost middleware calls directly, so a stream connection does not keep the
         whole middleware stack and router alive (the routes above serve the same paths,
         for the OpenAPI listing and any other caller)."""
-        match = _STREAM_PATH.fullmatch(scope.get("path", ""))
+        match = STREAM_PATH.fullmatch(scope.get("path", ""))
         if match is None:
             return None
         kind = match.group(2)

@@ -18,7 +18,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from ..exceptions import LivecountError
-from .direct import EXTENSION, PING_CHUNK, DirectHttpProtocol
+from .direct import EXTENSION, DirectHttpProtocol
 from .errors import error_response
 from .gateway import Gateway, Resume
 from .hub import Payload, Stream
@@ -34,6 +34,8 @@ HEADERS: Final = [
     (b"connection", b"close"),  # the end of the stream is the end of the connection
 ]
 PING: Final = b": ping\n\n"
+#: The heartbeat as one HTTP/1.1 chunk (what a direct write sends).
+PING_CHUNK: Final = b"%x\r\n%s\r\n" % (len(PING), PING)
 #: How long the end of the response may take to go out (a slow client may never take it).
 END_GRACE: Final = 1.0
 

@@ -27,7 +27,7 @@ from typing import Any, Final, Literal
 
 from msgspec.structs import astuple
 
-from ..domain import CustomValue, Image
+from ..domain import MAX_SAFE_INTEGER, CustomValue, Image
 from .schema import conversations, outbox
 
 __all__ = ["RawTx", "SQLText"]
@@ -44,7 +44,6 @@ _FIELD_INDEX: Final = {name: i for i, name in enumerate(Image.__struct_fields__)
 _SCALAR_INDEX: Final = tuple((name, _FIELD_INDEX[name]) for name in SCALARS
                              if name != "version")
 _EMPTY: Final[frozenset[Any]] = frozenset()
-_MAX_SAFE: Final = 2**53
 #: Side-table kinds in the combined side-row query (2: custom).
 _TAG, _PERSON = 0, 1
 
@@ -125,9 +124,11 @@ class SQLText:
         return found
 
 
-def _number(value: float) -> int | float:
-    # as rows.load_images leaves a stored REAL: integral values within ±2**53 become ints
-    return int(value) if value.is_integer() and abs(value) <= _MAX_SAFE else value
+def stored_number(value: float) -> int | float:
+    """A custom number as stored (a REAL), back as :func:`~livecount.domain.canonical_custom`
+    left it: integral values within ±2**53 become ints; past that they stay floats
+    ("1e+20" groups)."""
+    return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
 
 
 class RawTx:
@@ -232,7 +233,7 @@ class RawTx:
             elif flag is not None:
                 custom[name] = bool(flag)
             else:
-                custom[name] = _number(number)
+                custom[name] = stored_number(number)
         (cid, ws, version, state, assignee, team, author, priority, channel, created, updated,
          waiting, snoozed) = row
         return Image(cid, ws, version, state, assignee, team, author, bool(priority), channel,

@@ -13,21 +13,17 @@ from contextlib import contextmanager
 from itertools import groupby, islice, repeat
 from operator import eq, itemgetter
 from sys import intern
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..domain import MAX_SAFE_INTEGER, CustomValue, Image
+from .raw import SCALARS, RawTx, stored_number
 from .schema import conversation_custom, conversation_people, conversation_tags, conversations
-
-if TYPE_CHECKING:
-    from .raw import RawTx
 
 __all__ = ["delete_image", "insert_image", "load_images", "update_image"]
 
-_SCALARS = ("workspace_id", "version", "state", "assignee_id", "team_id", "author_id",
-            "priority", "channel", "created_at", "updated_at", "waiting_since", "snoozed_until")
 _PEOPLE = ("mentions", "unread_by")
 
 
@@ -63,7 +59,7 @@ def insert_image(conn: Connection | RawTx, image: Image) -> None:
     if not isinstance(conn, Connection):
         conn.insert_image(image)
         return
-    values = {name: getattr(image, name) for name in _SCALARS}
+    values = {name: getattr(image, name) for name in SCALARS}
     conn.execute(conversations.insert().values(id=image.id, **values))
     _insert_sets(conn, image, ("tags", *_PEOPLE, "custom"))
 
@@ -76,7 +72,7 @@ def update_image(conn: Connection | RawTx, before: Image, after: Image) -> bool:
     """
     if not isinstance(conn, Connection):
         return conn.update_image(before, after)
-    values = {name: getattr(after, name) for name in _SCALARS
+    values = {name: getattr(after, name) for name in SCALARS
               if getattr(after, name) != getattr(before, name)}
     values["version"] = after.version
     result = conn.execute(
@@ -105,11 +101,6 @@ def delete_image(conn: Connection, conversation_id: int) -> None:
     for table in (conversation_tags, conversation_people, conversation_custom):
         conn.execute(table.delete().where(table.c.conversation_id == conversation_id))
     conn.execute(conversations.delete().where(conversations.c.id == conversation_id))
-
-
-def _number(value: float) -> int | float:
-    # As canonical_custom leaves it: integral floats past 2**53 stay floats ("1e+20" groups).
-    return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER else value
 
 
 #: The columns of ``conversations`` in :class:`Image` field order (the sets come between).
@@ -231,7 +222,7 @@ def _custom_values(rows: list[Any]) -> list[CustomValue]:
             and set(map(type, numbers)) == {float} and all(map(float.is_integer, numbers))
             and min(numbers) >= -MAX_SAFE_INTEGER and max(numbers) <= MAX_SAFE_INTEGER):
         return list(map(int, numbers))  # the usual batch: integral numbers only
-    return [text if text is not None else bool(flag) if flag is not None else _number(number)
+    return [text if text is not None else bool(flag) if flag is not None else stored_number(number)
             for text, number, flag in zip(texts, numbers, flags, strict=True)]
 
 
