@@ -28,6 +28,7 @@ from livecount.exceptions import Unavailable, ValidationError
 from livecount.store import open_store
 from livecount.store.base import OutboxEntry, View, relay_lane, written_position
 from livecount.store.postgres import OUTBOX_CHANNEL, POOL_SIZE, PostgresStore
+from livecount.store.raw import RawTx
 from livecount.store.sqlstore import MAX_OUTBOX_BATCH
 
 from .conftest import dump, reset_postgres
@@ -188,14 +189,15 @@ async def test_a_reader_never_skips_an_entry_still_in_flight(
         workspace = await a.create_workspace("w")
         start = await reader.outbox_position()
         inserted, release = threading.Event(), threading.Event()
-        real = a._append_outbox
+        real = a._flush_appends  # a group commit's appends: inserted right before COMMIT
 
-        def paused(conn: Connection, *args: Any) -> None:
-            real(conn, *args)
+        def paused(tx: RawTx, results: Any) -> Any:
+            flushed = real(tx, results)
             inserted.set()
             assert release.wait(10)
+            return flushed
 
-        monkeypatch.setattr(a, "_append_outbox", paused)
+        monkeypatch.setattr(a, "_flush_appends", paused)
         first = asyncio.ensure_future(a.create_conversation(workspace.id, {}, None))
         try:
             await until(inserted.is_set)

@@ -24,9 +24,10 @@ lock are made explicit here:
 - **Conversation ids from the sequence** (``MAX(id) + 1`` is only safe with one writer).
 - **Group commits** (several conversation writes in one transaction, see
   :mod:`~livecount.store.sqlstore`) lock every row they will change first, in id order, in one
-  statement (:meth:`~PostgresStore._lock_group`), and take the outbox lock once, at their
-  first append: the rule above holds for them too, and one commit (one WAL flush) serves the
-  whole group.
+  statement (:meth:`~PostgresStore._lock_group`), and append their outbox rows together, in
+  one statement right before COMMIT, taking the outbox lock just before it: the rule above
+  holds for them too, the lock is held for two statements and the commit instead of the
+  group's every round trip, and one commit (one WAL flush) serves the whole group.
 - **Wake-ups across processes.** A transaction that appends also sends
   ``NOTIFY livecount_outbox`` (delivered when it commits; its payload names the store that
   sent it). A store whose :meth:`~PostgresStore.on_commit` has subscribers keeps one
@@ -120,6 +121,9 @@ class PostgresStore(SQLStore):
     #: Take the outbox lock before each append (see the module's docstring). Only tests turn
     #: it off, to show what goes wrong without it.
     serialize_appends: bool = True
+    #: Group commits append their outbox rows in one statement right before COMMIT (see
+    #: the module's docstring); off only in the benchmark's baseline.
+    defer_appends: bool = True
 
     def __init__(self, url: str) -> None:
         try:

@@ -95,10 +95,22 @@ class SQLText:
                                    "ORDER BY id LIMIT ?")
         self.lock_rows = "SELECT id FROM conversations WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
         self._updates: dict[tuple[str, ...], str] = {}
+        self._inserts: dict[int, str] = {}
         self._missing: dict[tuple[str, int], str] = {}
 
     def _q(self, text: str) -> str:
         return text.replace("?", self.mark)
+
+    def insert_outbox_rows(self, count: int) -> str:
+        """PostgreSQL: insert ``count`` outbox rows in one statement, returning their ids
+        (cached per count; a group commit appends at most a few dozen)."""
+        found = self._inserts.get(count)
+        if found is None:
+            row = "(" + ", ".join(["%s"] * 7) + ")"
+            found = self._inserts[count] = (
+                "INSERT INTO outbox (workspace_id, kind, entity_id, version, before, after, "
+                f"committed_at) VALUES {', '.join([row] * count)} RETURNING id")
+        return found
 
     def update(self, names: tuple[str, ...]) -> str:
         """``UPDATE conversations SET <names> WHERE id = ? AND version = ?`` (cached)."""
@@ -140,7 +152,7 @@ class RawTx:
     anything behind.
     """
 
-    def __init__(self, connection: Any, sql: SQLText) -> None:
+    def __init__(self, connection: Any, sql: SQLText, *, defer_appends: bool = False) -> None:
         self.connection = connection
         self.sql = sql
         self.cursor = connection.cursor()
@@ -148,6 +160,9 @@ class RawTx:
         #: whether this transaction holds the outbox lock (PostgreSQL; see
         #: :meth:`~livecount.store.postgres.PostgresStore._before_outbox_insert`)
         self.outbox_locked = False
+        #: outbox rows held back until :meth:`flush_appends` (None: appended at once); each
+        #: append meanwhile answers a placeholder position, -1 for the first, -2 ...
+        self.deferred: list[tuple[Any, ...]] | None = [] if defer_appends else None
         #: statements run so far that changed something (rows, locks, notifications): a
         #: write refused before any of its own can be answered alone, with nothing to undo
         self.changes = 0
@@ -287,8 +302,13 @@ class RawTx:
 
     def insert_outbox(self, workspace_id: int, kind: str, entity_id: int, version: int,
                       before: str | None, after: str | None, committed_at: int) -> int:
-        """Append an outbox row; return its position."""
+        """Append an outbox row; return its position (a placeholder while appends are
+        deferred: see :meth:`flush_appends`)."""
         self.changes += 1
+        if self.deferred is not None:
+            self.deferred.append((workspace_id, kind, entity_id, version, before, after,
+                                  committed_at))
+            return -len(self.deferred)
         self.cursor.execute(self.sql.insert_outbox, (workspace_id, kind, entity_id, version,
                                                      before, after, committed_at))
         if self.postgres:
@@ -301,6 +321,24 @@ class RawTx:
 
             raise StoreError("the database returned no id for a new outbox row")
         return int(position)
+
+
+    def flush_appends(self) -> list[int]:
+        """Insert the deferred outbox rows in one statement, in the order they were
+        appended; their positions, ascending (the position of placeholder ``-k`` is item
+        ``k - 1``). The caller holds the outbox lock, so the ids drawn are this statement's
+        alone and increase with the rows."""
+        rows, self.deferred = self.deferred or [], None
+        if not rows:
+            return []
+        self.cursor.execute(self.sql.insert_outbox_rows(len(rows)),
+                            [value for row in rows for value in row])
+        positions = sorted(int(row[0]) for row in self.cursor.fetchall())
+        if len(positions) != len(rows):
+            from ..exceptions import StoreError
+
+            raise StoreError("the database returned too few ids for new outbox rows")
+        return positions
 
 
 def _custom_row(cid: int, key: str, value: CustomValue) -> tuple[Any, ...]:

@@ -393,6 +393,11 @@ class SQLStore:
     #: give one consistent snapshot per transaction (SQLite does); PostgreSQL wants
     #: ``"REPEATABLE READ"`` so a snapshot's position and rows agree.
     read_isolation: ClassVar[str | None] = None
+    #: Whether a group commit appends its outbox rows together right before COMMIT rather
+    #: than each with its write: where appends take a lock shared by every process
+    #: (PostgreSQL), it is then held for two statements and the commit, not for the whole
+    #: group's round trips.
+    defer_appends: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -700,7 +705,7 @@ class SQLStore:
         dbapi = raw.dbapi_connection
         try:
             assert dbapi is not None  # a checked-out connection has one
-            tx = RawTx(dbapi, self._sql)
+            tx = RawTx(dbapi, self._sql, defer_appends=self.defer_appends)
         except BaseException:
             raw.close()
             raise
@@ -724,6 +729,8 @@ class SQLStore:
                     except Exception as exc:
                         raise _JobFailed(index, _db_error(dialect, exc, dbapi)) from None
                     results.append((value, self._appended_at))
+                if tx.deferred:
+                    results = self._flush_appends(tx, results)
                 tx.commit()
             except BaseException as exc:
                 error = exc.error if isinstance(exc, _JobFailed) else _db_error(dialect, exc,
@@ -745,6 +752,15 @@ class SQLStore:
         if any(not isinstance(r, BaseException) and r[1] for r in results):
             self._notify()
         return results
+
+    def _flush_appends(self, tx: RawTx, results: list[tuple[Any, int] | LivecountError]
+                       ) -> list[tuple[Any, int] | LivecountError]:
+        """Append the group's deferred outbox rows (see :attr:`defer_appends`) and put their
+        positions in place of the placeholders in ``results``."""
+        self._before_outbox_insert(tx)
+        positions = tx.flush_appends()
+        return [r if isinstance(r, BaseException) or r[1] >= 0
+                else (r[0], positions[-r[1] - 1]) for r in results]
 
     def _lock_group(self, tx: RawTx, conversation_ids: list[int]) -> None:
         """Hook, before the first write of a group of several: lock what they will change.
@@ -805,7 +821,8 @@ class SQLStore:
     def _append_outbox(self, conn: Connection | RawTx, workspace_id: int,
                        kind: Literal["conversation", "view"], entity_id: int, version: int,
                        before: Image | View | None, after: Image | View | None) -> None:
-        self._before_outbox_insert(conn)
+        if not isinstance(conn, RawTx) or conn.deferred is None:
+            self._before_outbox_insert(conn)  # (deferred appends: when they are flushed)
         if isinstance(conn, RawTx):
             position = conn.insert_outbox(workspace_id, kind, entity_id, version,
                                           _encode(before), _encode(after), now_us())
