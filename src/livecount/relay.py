@@ -43,13 +43,13 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .bus.base import Bus, BusMessage
 from .domain import Image, now_us
-from .engine import Delta, Engine
+from .engine import CompiledView, Delta, Engine
 from .exceptions import LivecountError, Unavailable
 from .leases import Everything, Ownership
 from .schedule import DueFlip, FlipSchedule, KeyedHeap, ReopenSchedule, Timer
@@ -161,7 +161,8 @@ class _Count:
     ``at(clock)`` gives the counts with time-dependent views evaluated at ``clock``.
     """
 
-    def __init__(self, relay: Relay, workspace_id: int, views: list[View]) -> None:
+    def __init__(self, relay: Relay, workspace_id: int,
+                 views: Sequence[View | CompiledView]) -> None:
         self.relay = relay
         self.workspace_id = workspace_id
         self.engine = Engine(views)
@@ -944,7 +945,7 @@ class Relay:
             async with self.lock:
                 ws = self._workspaces.get(workspace_id) or await self._build(workspace_id)
         compiled = list(ws.engine.views.values())
-        counting = _Count(self, workspace_id, [c.view for c in compiled])
+        counting = _Count(self, workspace_id, compiled)  # (copies: not compiled again)
         await counting.run()
         await counting.catch_up(self._reached(ws))
         async with self.lock:

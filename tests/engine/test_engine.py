@@ -131,6 +131,11 @@ def test_engine_equals_brute_force_and_sql(view_specs: list[dict[str, Any]],
                 view, teammate)
     assert counts == sql_counts(sqlite_db, images, view_list)
     assert counts == Engine(view_list).count(images, NOW)
+    # an engine over this one's compiled views (as a reconcile builds it) counts the same,
+    # with copies of its own (the scratch state of the live engine's views stays theirs)
+    twin = Engine(list(engine.views.values()))
+    assert all(twin.views[v] is not compiled for v, compiled in engine.views.items())
+    assert twin.count(images, NOW) == counts
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])

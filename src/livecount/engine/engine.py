@@ -33,7 +33,9 @@ class Engine:
     or below the position its counts already reflect (see :mod:`livecount.relay`).
     """
 
-    def __init__(self, views: Iterable[View] = ()) -> None:
+    def __init__(self, views: Iterable[View | CompiledView] = ()) -> None:
+        """An engine counting ``views``; compiled views (another engine's) are copied, not
+        compiled again."""
         self.views: dict[int, CompiledView] = {}
         self._tick = 0
         self._plans: dict[int, tuple[ViewIndex, ...]] = {}
@@ -41,7 +43,8 @@ class Engine:
         self._all = ViewIndex(())
         self._by_bit: dict[int, ViewIndex] = {}
         for view in views:
-            self.views[view.id] = compile_view(view)
+            self.views[view.id] = (view.copy() if isinstance(view, CompiledView)
+                                   else compile_view(view))
         self._reindex()
 
     # -- views ------------------------------------------------------------------------------

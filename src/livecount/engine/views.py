@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from ..domain import FIELDS, FieldKind, Image, group_text
@@ -140,6 +140,11 @@ class CompiledView:
     tick: int = field(default=0)
     side: int = field(default=3)
     exact: bool = field(default=False)
+
+    def copy(self) -> CompiledView:
+        """The same compiled view with scratch state of its own, for another engine (the
+        predicate and group function are pure: shared; compiling again costs ~0.3 ms)."""
+        return replace(self, tick=0, side=3, exact=False)
 
 
 def compile_view(view: View) -> CompiledView:
