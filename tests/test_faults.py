@@ -38,7 +38,14 @@ from livecount.relay import Relay
 from livecount.state import CounterState, MemoryState
 from livecount.store import sqlstore
 from livecount.store.base import Counts, Store
-from tests.backends import COMBOS, POSTGRES_COMBOS, SQLITE_COMBOS, open_backends
+from tests.backends import (
+    COMBOS,
+    POSTGRES_COMBOS,
+    POSTGRES_REDIS,
+    SQLITE_COMBOS,
+    SQLITE_MEMORY,
+    open_backends,
+)
 from tests.faults import KINDS, Faults, Faulty, InjectedFault
 from tests.store.conftest import other_connection
 from tests.strategies import NOW, conversation_bodies, patches, views
@@ -540,6 +547,8 @@ async def test_applied_entries_are_pruned_and_counting_goes_on(world: dict[str, 
     await assert_exact(relay, store, state, ws, world["clock"])
 
 
+# The bounds are the store's, so one run per store (PostgreSQL with the production state).
+@pytest.mark.parametrize("world", [SQLITE_MEMORY, POSTGRES_REDIS], indirect=True)
 async def test_an_api_storm_never_reaches_the_relay(world: dict[str, Any],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Three times more concurrent API-side store calls (token lookups, view lists) than
