@@ -29,7 +29,6 @@ from livecount.exceptions import (
     Conflict,
     NotFound,
     PreconditionFailed,
-    StoreError,
     Unavailable,
     ValidationError,
 )
@@ -386,7 +385,7 @@ async def test_a_drain_that_dies_answers_the_writes_still_queued(
         await asyncio.sleep(0.01)
     results = await asyncio.wait_for(asyncio.gather(*tasks), 5)  # not stranded
     assert [r[0] for r in results] == ["ok", "err", "err"]
-    assert all(isinstance(r[1], StoreError) for r in results[1:])
+    assert all(isinstance(r[1], Unavailable) for r in results[1:])  # never ran: 503, retry
     monkeypatch.undo()
     assert not store._draining and not store._group
     assert (await store.update_conversation(world.home.id, made.id, {"priority": True},

@@ -659,8 +659,8 @@ class SQLStore:
                     self._draining = False
                     stranded = list(self._group)
                     self._group.clear()
-                _answer([(job, None, StoreError("the store's writer failed; retry"))
-                         for job in stranded])
+                error = Unavailable("the store's writer failed before this write ran; retry")
+                _answer([(job, None, error) for job in stranded])
 
     def _run_group(self, engine: Engine, jobs: list[_Job]) -> None:
         """Commit ``jobs`` in one transaction, minus those that failed, and answer them all.
