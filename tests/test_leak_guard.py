@@ -93,6 +93,12 @@ class Child:
         listed = re.compile(rf"(PASSED|FAILED|ERROR|XFAIL|XPASS) test_inner\.py::{test}(?: |$)")
         return [m[1] for line in self.result.outlines if (m := listed.match(line))]
 
+    def guard_failed(self, test: str, leaks: int, *lines: str) -> None:
+        """``test`` passed, then the guard failed its teardown, its own report naming
+        ``leaks`` resources and matching ``lines`` (in order, not necessarily adjacent)."""
+        assert self.outcomes(test) == ["PASSED", "ERROR"]
+        self.error(test).fnmatch_lines([GUARD_FAILED.format(n=leaks), *lines])
+
     def error(self, test: str, when: str = "teardown") -> pytest.LineMatcher:
         """The lines under ``test``'s own "ERROR at <when> of" header, up to the next header.
 
@@ -229,9 +235,8 @@ def leaky(
 
 
 def test_leaked_thread_fails_the_test(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_thread") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_thread").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*thread 'leaky-worker' (daemon=False*target Event.wait)"]
+    leaky.guard_failed(
+        "test_leaks_a_thread", 1, "*thread 'leaky-worker' (daemon=False*target Event.wait)"
     )
     # Released at module teardown (and all KEEP holds closed), so the session-end check has
     # nothing to add.
@@ -240,53 +245,39 @@ def test_leaked_thread_fails_the_test(leaky: Child) -> None:
 
 
 def test_daemon_thread_counts_as_a_leak_too(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_daemon_thread") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_daemon_thread").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*thread 'leaky-daemon' (daemon=True*"]
-    )
+    leaky.guard_failed("test_leaks_a_daemon_thread", 1, "*thread 'leaky-daemon' (daemon=True*")
 
 
 def test_leaked_asyncio_tasks_fail_the_test(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_task") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_task").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*asyncio task <Task * name='leaky-task' coro=<sleep()*"]
+    leaky.guard_failed(
+        "test_leaks_a_task", 1, "*asyncio task <Task * name='leaky-task' coro=<sleep()*"
     )
-    assert leaky.outcomes("test_fixture_leaks_a_task") == ["PASSED", "ERROR"]
-    leaky.error("test_fixture_leaks_a_task").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*asyncio task <Task * name='fixture-task' coro=<Event.wait()*"]
+    leaky.guard_failed(
+        "test_fixture_leaks_a_task",
+        1,
+        "*asyncio task <Task * name='fixture-task' coro=<Event.wait()*",
     )
 
 
 def test_leaked_sqlite_connections_fail_the_test(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_connection") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_connection").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*open database file */leaky.db (fd *)"]
-    )
-    assert leaky.outcomes("test_leaks_an_engine_pool") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_an_engine_pool").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*open database file */livecount.db (fd *)"]
-    )
+    leaky.guard_failed("test_leaks_a_connection", 1, "*open database file */leaky.db (fd *)")
+    leaky.guard_failed("test_leaks_an_engine_pool", 1, "*open database file */livecount.db (fd *)")
 
 
 def test_leaked_sockets_fail_the_test(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_listener_and_a_connection") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_listener_and_a_connection").fnmatch_lines(
-        [
-            GUARD_FAILED.format(n=2),
-            "*tcp socket listening on 127.0.0.1:* (fd *)",
-            "*tcp connection 127.0.0.1:* -> 127.0.0.1:* ESTABLISHED (fd *)",
-        ],
-        consecutive=False,
+    leaky.guard_failed(
+        "test_leaks_a_listener_and_a_connection",
+        2,
+        "*tcp socket listening on 127.0.0.1:* (fd *)",
+        "*tcp connection 127.0.0.1:* -> 127.0.0.1:* ESTABLISHED (fd *)",
     )
 
 
 def test_unclosed_event_loop_fails_the_test(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_loop") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_loop").fnmatch_lines(
-        [
-            GUARD_FAILED.format(n=1),
-            "*unclosed event loop <_UnixSelectorEventLoop * closed=False *> (self-pipe fds *)",
-        ]
+    leaky.guard_failed(
+        "test_leaks_a_loop",
+        1,
+        "*unclosed event loop <_UnixSelectorEventLoop * closed=False *> (self-pipe fds *)",
     )
 
 
@@ -297,10 +288,7 @@ def test_leaked_postgres_connection_fails_the_test_and_the_schema_still_goes(
 
     # The outer postgres_url only gates this test on the server (skip locally, fail in CI).
     test = "test_leaks_a_connection_inside_a_transaction"
-    assert leaky.outcomes(test) == ["PASSED", "ERROR"]
-    leaky.error(test).fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*PostgreSQL connection 127.0.0.1:* -> 127.0.0.1:5432 *"]
-    )
+    leaky.guard_failed(test, 1, "*PostgreSQL connection 127.0.0.1:* -> 127.0.0.1:5432 *")
     schema = (leaky.path / "url.txt").read_text().rpartition("application_name=")[2]
     assert schema.startswith("lc_")
     with psycopg.connect(postgres_url) as conn:
@@ -310,16 +298,16 @@ def test_leaked_postgres_connection_fails_the_test_and_the_schema_still_goes(
 
 def test_leaked_redis_connection_fails_the_test(redis_url: str, leaky: Child) -> None:
     # The outer redis_url only gates this test on the server (skip locally, fail in CI).
-    assert leaky.outcomes("test_leaks_a_client") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_client").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*Redis connection 127.0.0.1:* -> 127.0.0.1:6379 *"]
+    leaky.guard_failed(
+        "test_leaks_a_client", 1, "*Redis connection 127.0.0.1:* -> 127.0.0.1:6379 *"
     )
 
 
 def test_async_hypothesis_test_leaking_tasks_fails_once(leaky: Child) -> None:
-    assert leaky.outcomes("test_leaks_a_task_per_example") == ["PASSED", "ERROR"]
-    leaky.error("test_leaks_a_task_per_example").fnmatch_lines(
-        [GUARD_FAILED.format(n=1), "*asyncio task <Task * name='example-task' coro=<sleep()*"]
+    leaky.guard_failed(
+        "test_leaks_a_task_per_example",
+        1,
+        "*asyncio task <Task * name='example-task' coro=<sleep()*",
     )
 
 

@@ -131,9 +131,8 @@ class Stream:
     """
 
     __slots__ = ("_hold", "_paused", "_waiter", "ack", "closing", "hub", "lag_since", "new_views",
-                 "outcome",
-                 "pending", "ready", "ready_keys", "resync", "scope", "sending_since", "teammate",
-                 "views_dirty")
+                 "outcome", "pending", "ready", "ready_keys", "resync", "scope", "sending_since",
+                 "teammate", "views_dirty")
 
     #: seconds between app-level heartbeats when idle; None: the transport has its own
     heartbeat: float | None = None

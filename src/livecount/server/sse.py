@@ -99,13 +99,16 @@ class DirectSseStream(SseStream):
     and when the response is not chunked, the ASGI writer of :class:`SseStream`); its
     endpoint awaits :attr:`done`."""
 
-    __slots__ = ("done", "last_sent", "protocol")
+    __slots__ = ("done", "last_sent", "protocol", "sent")
 
     def __init__(self, teammate: int | None, send: Any, heartbeat: float,
                  protocol: DirectHttpProtocol) -> None:
         super().__init__(teammate, send, heartbeat)
         self.protocol = protocol
         self.last_sent = time.monotonic()
+        #: a message went out since the watchdog last looked (which then moves last_sent:
+        #: no clock read per delivery on the hub's tick)
+        self.sent = False
         self.done: asyncio.Future[None] | None = None
 
     def attach(self) -> asyncio.Future[None]:
@@ -145,13 +148,16 @@ class DirectSseStream(SseStream):
 
     def _write(self, payload: Payload) -> None:
         self.protocol.transport.write(payload.sse_chunk)
-        self.last_sent = time.monotonic()
+        self.sent = True
 
     def _blocked(self) -> bool:
         return self._paused or self._ended()
 
     def watch(self, now: float) -> None:
-        if self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
+        if self.sent:  # (a heartbeat comes at most one watchdog period later for it)
+            self.sent = False
+            self.last_sent = now
+        elif self.heartbeat is not None and now - self.last_sent >= self.heartbeat:
             self.beat()
 
     def beat(self) -> None:

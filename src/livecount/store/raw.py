@@ -28,6 +28,7 @@ from typing import Any, Final, Literal
 from msgspec.structs import astuple
 
 from ..domain import MAX_SAFE_INTEGER, CustomValue, Image
+from ..exceptions import StoreError
 from .schema import conversations, outbox
 
 __all__ = ["RawTx", "SQLText"]
@@ -44,6 +45,11 @@ _FIELD_INDEX: Final = {name: i for i, name in enumerate(Image.__struct_fields__)
 _SCALAR_INDEX: Final = tuple((name, _FIELD_INDEX[name]) for name in SCALARS
                              if name != "version")
 _EMPTY: Final[frozenset[Any]] = frozenset()
+#: The outbox columns an append writes (the id comes from the table), in the order
+#: :meth:`RawTx.insert_outbox` takes them.
+_APPENDED: Final = ("workspace_id", "kind", "entity_id", "version", "before", "after",
+                    "committed_at")
+assert set(_APPENDED) == {c.name for c in outbox.c} - {"id"}
 #: Side-table kinds in the combined side-row query (2: custom).
 _TAG, _PERSON = 0, 1
 
@@ -88,8 +94,8 @@ class SQLText:
                                      "WHERE conversation_id = ?")
         returning = " RETURNING id" if postgres else ""
         self.insert_outbox = self._q(
-            "INSERT INTO outbox (workspace_id, kind, entity_id, version, before, after, "
-            f"committed_at) VALUES (?, ?, ?, ?, ?, ?, ?){returning}")
+            f"INSERT INTO outbox ({', '.join(_APPENDED)}) "
+            f"VALUES ({', '.join('?' * len(_APPENDED))}){returning}")
         outbox_columns = ", ".join(f'"{c.name}"' for c in outbox.c)
         self.read_outbox = self._q(f"SELECT {outbox_columns} FROM outbox WHERE id > ? "
                                    "ORDER BY id LIMIT ?")
@@ -106,10 +112,10 @@ class SQLText:
         (cached per count; a group commit appends at most a few dozen)."""
         found = self._inserts.get(count)
         if found is None:
-            row = "(" + ", ".join(["%s"] * 7) + ")"
+            row = f"({', '.join(['%s'] * len(_APPENDED))})"
             found = self._inserts[count] = (
-                "INSERT INTO outbox (workspace_id, kind, entity_id, version, before, after, "
-                f"committed_at) VALUES {', '.join([row] * count)} RETURNING id")
+                f"INSERT INTO outbox ({', '.join(_APPENDED)}) "
+                f"VALUES {', '.join([row] * count)} RETURNING id")
         return found
 
     def update(self, names: tuple[str, ...]) -> str:
@@ -317,8 +323,6 @@ class RawTx:
         else:
             position = self.cursor.lastrowid
         if not position:
-            from ..exceptions import StoreError
-
             raise StoreError("the database returned no id for a new outbox row")
         return int(position)
 
@@ -335,8 +339,6 @@ class RawTx:
                             [value for row in rows for value in row])
         positions = sorted(int(row[0]) for row in self.cursor.fetchall())
         if len(positions) != len(rows):
-            from ..exceptions import StoreError
-
             raise StoreError("the database returned too few ids for new outbox rows")
         return positions
 
