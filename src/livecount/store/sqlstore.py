@@ -379,6 +379,16 @@ def _settle(answers: list[tuple[_Job, Any, BaseException | None]]) -> None:
             job.future.set_exception(error)
 
 
+def _start_threads(executor: ThreadPoolExecutor, count: int) -> None:
+    """Start all ``count`` threads of ``executor`` now. A pool starts a thread on demand, so
+    the first burst of load would raise the process's thread count once, for good: bounded,
+    but what a leak looks like to the soak and to a thread-count alert. ``count`` tasks that
+    wait for each other each take a thread of their own."""
+    barrier = threading.Barrier(count)
+    for future in [executor.submit(barrier.wait, 5.0) for _ in range(count)]:
+        future.result()
+
+
 class SQLStore:
     """A store over a synchronous SQLAlchemy :class:`~sqlalchemy.engine.Engine`.
 
@@ -441,6 +451,9 @@ class SQLStore:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="livecount-store-read")
         self._relay_reader = ThreadPoolExecutor(1, thread_name_prefix="livecount-store-relay")
         try:
+            for executor, size in ((self._writer, 1), (self._readers, 2),
+                                   (self._relay_reader, 1)):
+                _start_threads(executor, size)
             self._engine = self._create_engine()
             dialect = self._engine.dialect.name
             self._sql = (SQLText("sqlite") if dialect == "sqlite"
